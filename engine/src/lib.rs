@@ -1,0 +1,8 @@
+//! cowsim's filesystem engine: the btrfs mechanisms (COW B-trees in real
+//! on-disk sizes, extent buffers, tree locks, transactions, block reserves,
+//! delayed items and refs, commit, mount), written against the small
+//! environment interface in [`env`]. See engine/README.md for the status of
+//! each module against fs/btrfs.
+
+pub mod env;
+pub mod wait;

@@ -1,0 +1,1 @@
+//! cowsim scenarios: workloads, fault profiles and oracles.

@@ -1,0 +1,1 @@
+//! cowsim's deterministic world.
