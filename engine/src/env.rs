@@ -164,18 +164,9 @@ pub struct Violation {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TraceEvent {
     /// A search released its path and starts again from the root.
-    SearchRestart {
-        root: u64,
-        level: u8,
-        reason: RestartReason,
-    },
+    SearchRestart { root: u64, level: u8, reason: RestartReason },
     /// A tree block was copied on write.
-    Cow {
-        root: u64,
-        level: u8,
-        old_bytenr: u64,
-        new_bytenr: u64,
-    },
+    Cow { root: u64, level: u8, old_bytenr: u64, new_bytenr: u64 },
     /// `lock_extent_buffer_for_io` submitted a tree block.
     EbWriteback { bytenr: u64, sync: bool },
     /// A clean extent buffer was dropped from the cache.

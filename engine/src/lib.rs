@@ -5,4 +5,5 @@
 //! each module against fs/btrfs.
 
 pub mod env;
+pub mod fix;
 pub mod wait;

@@ -86,9 +86,7 @@ impl<T> Default for Completion<T> {
 
 impl<T> Completion<T> {
     pub fn new() -> Self {
-        Self {
-            state: Rc::new(RefCell::new(CompletionState { value: None, waker: None })),
-        }
+        Self { state: Rc::new(RefCell::new(CompletionState { value: None, waker: None })) }
     }
 
     /// Deliver the value and wake the waiter. Completing twice is a bug.

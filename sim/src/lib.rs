@@ -1,1 +1,12 @@
-//! cowsim's deterministic world.
+//! cowsim's deterministic world: the executor and its schedulers, the NVMe
+//! and memory models, the runner, and everything behind the `sim` command.
+
+pub mod determinism;
+pub mod device;
+pub mod memory;
+pub mod report;
+pub mod runner;
+pub mod scheduler;
+pub mod seedfile;
+pub mod trace;
+pub mod world;

@@ -1,1 +1,177 @@
-fn main() {}
+//! The `sim` command. Exit codes: 0 pass, 1 a violation was found (the
+//! replay command is printed), 2 bad usage or bad input (one-line error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use engine::fix::FixPolicy;
+use sim::determinism::check_seed;
+use sim::report::{self, SeedRange};
+use sim::runner::{Outcome, RunSpec, replay_command, run};
+use sim::seedfile::{Expected, SeedFile};
+
+#[derive(Parser)]
+#[command(
+    name = "sim",
+    version,
+    about = "cowsim: deterministic simulation of a btrfs-faithful COW filesystem"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// With no subcommand, `sim` runs one seed.
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one seed of a scenario.
+    Run(RunArgs),
+    /// Reproduce a saved run exactly and say whether it matched.
+    Replay {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Print the full timeline (filter with RUST_LOG).
+        #[arg(long)]
+        trace: bool,
+    },
+    /// List scenarios and fixes.
+    List,
+    /// Run every seed twice and compare traces.
+    CheckDeterminism {
+        #[arg(long, default_value = scenarios::DEFAULT_SCENARIO)]
+        scenario: String,
+        /// Seeds as A..B (B excluded) or a single N.
+        #[arg(long)]
+        seeds: String,
+        #[arg(long, default_value = "none")]
+        fix: String,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, default_value = scenarios::DEFAULT_SCENARIO)]
+    scenario: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "none")]
+    fix: String,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// Print the full timeline (filter with RUST_LOG).
+    #[arg(long)]
+    trace: bool,
+    /// On a violation, write a seed file into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => run_one(cli.run),
+        Some(Command::Run(args)) => run_one(args),
+        Some(Command::Replay { file, json, trace }) => replay(file, json, trace),
+        Some(Command::List) => {
+            print!("{}", report::list());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Command::CheckDeterminism { scenario, seeds, fix }) => {
+            check_determinism(&scenario, &seeds, &fix)
+        }
+    };
+    result.unwrap_or_else(|message| {
+        eprintln!("error: {message}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_tracing(trace: bool) {
+    let default = if trace { "cowsim::trace=debug,cowsim::violation=info" } else { "warn" };
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(value) if !value.is_empty() => tracing_subscriber::EnvFilter::new(value),
+        _ => tracing_subscriber::EnvFilter::new(default),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_one(args: RunArgs) -> Result<ExitCode, String> {
+    init_tracing(args.trace);
+    let scenario = scenarios::by_name(&args.scenario)?;
+    let fix: FixPolicy = args.fix.parse()?;
+    let spec = RunSpec::new(&args.scenario, args.seed, fix);
+    let result = run(&spec, &*scenario)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&result).expect("result serializes"));
+    } else {
+        print!("{}", report::summary(&result));
+    }
+    if result.outcome == Outcome::Pass {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(dir) = args.out {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let path = dir.join(format!("{}-{}-{}.json", result.scenario, result.seed, result.fix));
+        SeedFile::from_result(&result, false).save(&path)?;
+        eprintln!("seed file: {}", path.display());
+    }
+    eprintln!("replay: {}", replay_command(&result.scenario, result.seed, fix));
+    Ok(ExitCode::from(1))
+}
+
+fn replay(file: PathBuf, json: bool, trace: bool) -> Result<ExitCode, String> {
+    init_tracing(trace);
+    let seed_file = SeedFile::load(&file)?;
+    let scenario = scenarios::by_name(&seed_file.scenario)?;
+    let result = run(&seed_file.spec(), &*scenario)?;
+    let got = Expected::of(&result);
+    if json {
+        println!("{}", serde_json::to_string(&result).expect("result serializes"));
+    } else {
+        print!("{}", report::summary(&result));
+    }
+    if got != seed_file.expected {
+        eprintln!(
+            "replay DIVERGED: expected {:?} with trace {} ({:?}), got {:?} with trace {} ({:?})",
+            seed_file.expected.outcome,
+            seed_file.expected.trace_hash,
+            seed_file.expected.violation,
+            got.outcome,
+            got.trace_hash,
+            got.violation
+        );
+        return Ok(ExitCode::from(1));
+    }
+    eprintln!("replay reproduced: same outcome, same trace hash {}", got.trace_hash);
+    Ok(if got.outcome == Outcome::Pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn check_determinism(scenario_name: &str, seeds: &str, fix: &str) -> Result<ExitCode, String> {
+    init_tracing(false);
+    let scenario = scenarios::by_name(scenario_name)?;
+    let fix: FixPolicy = fix.parse()?;
+    let range: SeedRange = seeds.parse()?;
+    for seed in range.iter() {
+        let spec = RunSpec::new(scenario_name, seed, fix);
+        if let Some(divergence) = check_seed(&spec, &*scenario)? {
+            println!("NONDETERMINISTIC: {divergence}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    println!(
+        "deterministic: {} seeds of {scenario_name} ({fix}) each ran twice with identical traces",
+        range.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

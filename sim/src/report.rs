@@ -1,0 +1,158 @@
+//! Text output of the `sim` command: the one-screen summary, `sim list`,
+//! and seed ranges.
+
+use std::fmt::Write;
+use std::str::FromStr;
+
+use engine::fix::FixPolicy;
+
+use crate::runner::{Outcome, RunResult, replay_command};
+
+/// Seeds `start..end` (end excluded), or a single seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeedRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl SeedRange {
+    pub fn iter(self) -> impl Iterator<Item = u64> {
+        self.start..self.end
+    }
+
+    pub fn len(self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.start == self.end
+    }
+}
+
+impl FromStr for SeedRange {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("bad seed range '{text}': expected A..B with A < B, or a single seed N");
+        let (start, end) = match text.split_once("..") {
+            Some((a, b)) => (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?),
+            None => {
+                let seed: u64 = text.trim().parse().map_err(|_| bad())?;
+                (seed, seed.checked_add(1).ok_or_else(bad)?)
+            }
+        };
+        if start >= end {
+            return Err(bad());
+        }
+        Ok(SeedRange { start, end })
+    }
+}
+
+pub fn list() -> String {
+    let mut out = String::from("scenarios:\n");
+    for scenario in scenarios::all() {
+        let _ = writeln!(out, "  {:<20} {}", scenario.name(), scenario.description());
+    }
+    out.push_str("fixes:\n");
+    for fix in FixPolicy::ALL {
+        let _ = writeln!(out, "  {:<20} {}", fix.name(), fix.description());
+    }
+    out
+}
+
+fn ms(ns: u64) -> String {
+    format!("{:.3} ms", ns as f64 / 1e6)
+}
+
+/// The one-screen summary of a run.
+pub fn summary(result: &RunResult) -> String {
+    let mut out = String::new();
+    let world = &result.config.world;
+    let _ = writeln!(out, "cowsim  scenario {}  seed {}  fix {}", result.scenario, result.seed, result.fix);
+    let _ = writeln!(out, "params  {}", result.config.params);
+    let actors: Vec<&str> = [
+        ("kswapd", world.memory.kswapd.is_some()),
+        ("flusher", world.memory.flusher.is_some()),
+        ("proactive", world.memory.proactive.is_some()),
+        ("drop-caches", world.memory.drop_caches.is_some()),
+        ("hog", world.memory.hog.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    let _ = writeln!(
+        out,
+        "world   scheduler {:?}  memory.high {} MiB  reclaim [{}]  device qd {} cache {} MiB",
+        world.scheduler,
+        world.memory.high_bytes >> 20,
+        actors.join(" "),
+        world.device.queue_depth,
+        world.device.cache_bytes >> 20,
+    );
+    let outcome = match result.outcome {
+        Outcome::Pass => "PASS",
+        Outcome::Violation => "VIOLATION",
+    };
+    let _ = writeln!(
+        out,
+        "outcome {outcome}  ops {}  sim time {}  power loss {}  trace {} ({} events)",
+        result.ops_completed,
+        ms(result.sim_time_ns),
+        if result.power_loss { "yes" } else { "no" },
+        result.trace_hash,
+        result.trace_events,
+    );
+    if let Some(device) = result.stats.get("device").and_then(|d| d.get("ops")).and_then(|o| o.as_object()) {
+        let parts: Vec<String> = device
+            .iter()
+            .map(|(op, s)| {
+                format!(
+                    "{op} {}x p50 {}us p99 {}us",
+                    s["count"],
+                    s["p50_ns"].as_u64().unwrap_or(0) / 1000,
+                    s["p99_ns"].as_u64().unwrap_or(0) / 1000
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "device  {}", parts.join(" | "));
+    }
+    if let Some(memory) = result.stats.get("memory") {
+        let _ = writeln!(
+            out,
+            "memory  peak {} KiB  throttles {}  reclaim {}",
+            memory["peak_bytes"].as_u64().unwrap_or(0) >> 10,
+            memory["throttles"],
+            memory["reclaim"]
+        );
+    }
+    if let Some(scenario) = result.stats.get("scenario") {
+        let _ = writeln!(out, "stats   {scenario}");
+    }
+    for violation in &result.violations {
+        let _ = writeln!(
+            out,
+            "VIOLATION {} at {}: {}",
+            violation.kind,
+            ms(violation.sim_time_ns),
+            violation.message
+        );
+    }
+    if result.outcome == Outcome::Violation {
+        let fix: FixPolicy = result.fix.parse().expect("result names a known fix");
+        let _ = writeln!(out, "replay  {}", replay_command(&result.scenario, result.seed, fix));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_ranges() {
+        assert_eq!("3..7".parse::<SeedRange>(), Ok(SeedRange { start: 3, end: 7 }));
+        assert_eq!("5".parse::<SeedRange>(), Ok(SeedRange { start: 5, end: 6 }));
+        for bad in ["7..3", "3..3", "x..4", "", "1..2..3", "18446744073709551615"] {
+            assert!(bad.parse::<SeedRange>().is_err(), "{bad} should be rejected");
+        }
+    }
+}

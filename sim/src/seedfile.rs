@@ -1,0 +1,102 @@
+//! Seed files: a run saved as a small versioned JSON document that `sim
+//! replay` reproduces exactly (same trace hash, same failure fingerprint).
+
+use std::path::Path;
+
+use engine::fix::FixPolicy;
+use serde::{Deserialize, Serialize};
+
+use crate::runner::{Outcome, RunConfig, RunResult, RunSpec};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedFile {
+    pub format_version: u32,
+    pub scenario: String,
+    pub seed: u64,
+    pub fix: String,
+    pub config: RunConfig,
+    /// The scheduler's decisions; replay follows them exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_log: Option<Vec<u32>>,
+    pub expected: Expected,
+}
+
+/// The outcome a replay must reproduce.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expected {
+    pub outcome: Outcome,
+    pub trace_hash: String,
+    /// Kind of the first violation, if the run failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub violation: Option<String>,
+}
+
+impl SeedFile {
+    pub fn from_result(result: &RunResult, with_decision_log: bool) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            scenario: result.scenario.clone(),
+            seed: result.seed,
+            fix: result.fix.clone(),
+            config: result.config.clone(),
+            decision_log: with_decision_log.then(|| result.decision_log.clone()),
+            expected: Expected::of(result),
+        }
+    }
+
+    /// Parse and validate. Every error is one line naming what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not a seed file (bad JSON: {e})"))?;
+        let version = value
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or("not a seed file (no format_version)")?;
+        if version > u64::from(FORMAT_VERSION) {
+            return Err(format!(
+                "seed file format version {version} is newer than this sim understands ({FORMAT_VERSION}); update cowsim"
+            ));
+        }
+        let file: SeedFile = serde_json::from_value(value).map_err(|e| format!("bad seed file: {e}"))?;
+        scenarios::by_name(&file.scenario)?;
+        file.fix.parse::<FixPolicy>()?;
+        Ok(file)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), String> {
+        let text = serde_json::to_string_pretty(self).expect("seed file serializes") + "\n";
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    pub fn spec(&self) -> RunSpec {
+        RunSpec {
+            scenario: self.scenario.clone(),
+            seed: self.seed,
+            fix: self.fix.parse().expect("validated when parsed"),
+            params: Some(self.config.params.clone()),
+            world: Some(self.config.world.clone()),
+            decision_log: self.decision_log.clone(),
+            keep_trace: false,
+        }
+    }
+}
+
+impl Expected {
+    pub fn of(result: &RunResult) -> Self {
+        Self {
+            outcome: result.outcome,
+            trace_hash: result.trace_hash.clone(),
+            violation: result.violations.first().map(|v| v.kind.clone()),
+        }
+    }
+}

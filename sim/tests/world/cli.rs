@@ -1,0 +1,108 @@
+//! The `sim` command as a user meets it: exit codes, one-line errors, JSON.
+
+use std::process::{Command, Output};
+
+fn sim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sim")).args(args).env_remove("RUST_LOG").output().expect("sim runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_bad_input(args: &[&str], needle: &str) {
+    let output = sim(args);
+    assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains(needle), "{args:?}: expected '{needle}' in: {text}");
+    assert!(!text.contains("panicked"), "{args:?} panicked: {text}");
+}
+
+#[test]
+fn default_run_prints_a_summary_and_passes() {
+    let output = sim(&["--seed", "7"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", stderr(&output));
+    assert!(stdout.contains("outcome PASS"), "{stdout}");
+    assert!(stdout.lines().count() < 25, "one screen: {stdout}");
+}
+
+#[test]
+fn json_has_the_documented_fields() {
+    let output = sim(&["run", "--scenario", "device-stress", "--seed", "3", "--json"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let value: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    for field in [
+        "seed",
+        "scenario",
+        "fix",
+        "outcome",
+        "violations",
+        "trace_hash",
+        "ops_completed",
+        "sim_time_ns",
+        "wall_ms",
+        "stats",
+    ] {
+        assert!(value.get(field).is_some(), "missing {field}: {value}");
+    }
+    assert_eq!(value["outcome"], "pass");
+    assert!(value["stats"]["device"]["ops"]["write"]["p99_ns"].as_u64().unwrap() > 0, "{}", value["stats"]);
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    assert_bad_input(&["run", "--scenario", "nope"], "unknown scenario 'nope'");
+    assert_bad_input(&["run", "--fix", "magic"], "unknown fix 'magic'");
+    assert_bad_input(&["check-determinism", "--seeds", "9..3"], "bad seed range");
+    assert_bad_input(&["run", "--seed", "-4"], "");
+    assert_bad_input(&["replay", "/nonexistent/seed.json"], "cannot read");
+}
+
+#[test]
+fn corrupt_and_future_seed_files_are_rejected() {
+    let dir = std::env::temp_dir().join(format!("cowsim-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    assert_bad_input(&["replay", &write("garbage.json", "{\"format_version\": 1, \"sce")], "bad JSON");
+    assert_bad_input(&["replay", &write("future.json", "{\"format_version\": 99}")], "newer than this sim");
+    // A real file from this sim, then edited to name an unknown scenario.
+    let output = sim(&["run", "--seed", "5", "--json"]);
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let file = serde_json::json!({
+        "format_version": 1, "scenario": "no-such-scenario", "seed": 5, "fix": "none",
+        "config": result["config"], "expected": {"outcome": "pass", "trace_hash": result["trace_hash"]}
+    });
+    assert_bad_input(&["replay", &write("unknown.json", &file.to_string())], "unknown scenario");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn replay_reproduces_a_saved_run() {
+    let output = sim(&["run", "--seed", "11", "--json"]);
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let file = serde_json::json!({
+        "format_version": 1, "scenario": "device-stress", "seed": 11, "fix": "none",
+        "config": result["config"], "expected": {"outcome": "pass", "trace_hash": result["trace_hash"]}
+    });
+    let path = std::env::temp_dir().join(format!("cowsim-replay-{}.json", std::process::id()));
+    std::fs::write(&path, file.to_string()).unwrap();
+    let replay = sim(&["replay", path.to_str().unwrap()]);
+    assert_eq!(replay.status.code(), Some(0), "{}", stderr(&replay));
+    assert!(stderr(&replay).contains("replay reproduced"), "{}", stderr(&replay));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn list_names_scenarios_and_fixes() {
+    let output = sim(&["list"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("device-stress"));
+    for fix in ["none", "search-pin", "overwrite-written", "inhibit-writeback", "both"] {
+        assert!(text.contains(fix), "{text}");
+    }
+}

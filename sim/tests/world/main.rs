@@ -1,0 +1,5 @@
+//! Integration tests of the simulated world, one binary with submodules.
+
+mod cli;
+mod determinism;
+mod reclaim;
