@@ -4,6 +4,9 @@
 //! environment interface in [`env`]. See engine/README.md for the status of
 //! each module against fs/btrfs.
 
+pub mod accessors;
 pub mod env;
 pub mod fix;
+pub mod format;
+pub mod tree_checker;
 pub mod wait;
