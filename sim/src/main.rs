@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use engine::fix::FixPolicy;
 use sim::determinism::check_seed;
 use sim::report::{self, SeedRange};
-use sim::runner::{Outcome, RunSpec, replay_command, run};
+use sim::runner::{Outcome, RunSpec, run};
 use sim::seedfile::{Expected, SeedFile};
 
 #[derive(Parser)]
@@ -50,6 +50,9 @@ enum Command {
         seeds: String,
         #[arg(long, default_value = "none")]
         fix: String,
+        /// random, pct, pct:DEPTH or pct:DEPTH:STEPS (default: the seed's configuration).
+        #[arg(long)]
+        scheduler: Option<String>,
     },
 }
 
@@ -67,6 +70,9 @@ struct RunArgs {
     /// Print the full timeline (filter with RUST_LOG).
     #[arg(long)]
     trace: bool,
+    /// random, pct, pct:DEPTH or pct:DEPTH:STEPS (default: the seed's configuration).
+    #[arg(long)]
+    scheduler: Option<String>,
     /// On a violation, write a seed file into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -82,8 +88,8 @@ fn main() -> ExitCode {
             print!("{}", report::list());
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::CheckDeterminism { scenario, seeds, fix }) => {
-            check_determinism(&scenario, &seeds, &fix)
+        Some(Command::CheckDeterminism { scenario, seeds, fix, scheduler }) => {
+            check_determinism(&scenario, &seeds, &fix, scheduler.as_deref())
         }
     };
     result.unwrap_or_else(|message| {
@@ -110,7 +116,8 @@ fn run_one(args: RunArgs) -> Result<ExitCode, String> {
     init_tracing(args.trace);
     let scenario = scenarios::by_name(&args.scenario)?;
     let fix: FixPolicy = args.fix.parse()?;
-    let spec = RunSpec::new(&args.scenario, args.seed, fix);
+    let mut spec = RunSpec::new(&args.scenario, args.seed, fix);
+    spec.scheduler = args.scheduler.as_deref().map(str::parse).transpose()?;
     let result = run(&spec, &*scenario)?;
     if args.json {
         println!("{}", serde_json::to_string(&result).expect("result serializes"));
@@ -126,7 +133,7 @@ fn run_one(args: RunArgs) -> Result<ExitCode, String> {
         SeedFile::from_result(&result, false).save(&path)?;
         eprintln!("seed file: {}", path.display());
     }
-    eprintln!("replay: {}", replay_command(&result.scenario, result.seed, fix));
+    eprintln!("replay: {}", result.replay_command);
     Ok(ExitCode::from(1))
 }
 
@@ -157,13 +164,20 @@ fn replay(file: PathBuf, json: bool, trace: bool) -> Result<ExitCode, String> {
     Ok(if got.outcome == Outcome::Pass { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn check_determinism(scenario_name: &str, seeds: &str, fix: &str) -> Result<ExitCode, String> {
+fn check_determinism(
+    scenario_name: &str,
+    seeds: &str,
+    fix: &str,
+    scheduler: Option<&str>,
+) -> Result<ExitCode, String> {
     init_tracing(false);
     let scenario = scenarios::by_name(scenario_name)?;
     let fix: FixPolicy = fix.parse()?;
     let range: SeedRange = seeds.parse()?;
+    let scheduler = scheduler.map(str::parse).transpose()?;
     for seed in range.iter() {
-        let spec = RunSpec::new(scenario_name, seed, fix);
+        let mut spec = RunSpec::new(scenario_name, seed, fix);
+        spec.scheduler = scheduler;
         if let Some(divergence) = check_seed(&spec, &*scenario)? {
             println!("NONDETERMINISTIC: {divergence}");
             return Ok(ExitCode::from(1));

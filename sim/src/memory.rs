@@ -30,6 +30,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::device::LatencyDist;
 use crate::trace::SimEvent;
 use crate::world::World;
 
@@ -293,10 +294,10 @@ fn jittered(rng: &mut ChaCha8Rng, period_ns: u64) -> u64 {
     period_ns / 2 + rng.random_range(0..=period_ns)
 }
 
-/// An exponential draw with the given mean, at least 1 ns.
+/// An exponential draw with the given mean (capped at 20x), at least 1 ns;
+/// the device's platform-independent distribution.
 fn exponential(rng: &mut ChaCha8Rng, mean_ns: u64) -> u64 {
-    let u: f64 = rng.random_range(f64::EPSILON..1.0);
-    ((-u.ln() * mean_ns as f64) as u64).max(1)
+    LatencyDist::new(0, mean_ns).sample(rng).max(1)
 }
 
 async fn run_kswapd(world: Rc<World>, mut rng: ChaCha8Rng, config: KswapdConfig) {

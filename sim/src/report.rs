@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use engine::fix::FixPolicy;
 
-use crate::runner::{Outcome, RunResult, replay_command};
+use crate::runner::{Outcome, RunResult};
 
 /// Seeds `start..end` (end excluded), or a single seed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,8 +137,7 @@ pub fn summary(result: &RunResult) -> String {
         );
     }
     if result.outcome == Outcome::Violation {
-        let fix: FixPolicy = result.fix.parse().expect("result names a known fix");
-        let _ = writeln!(out, "replay  {}", replay_command(&result.scenario, result.seed, fix));
+        let _ = writeln!(out, "replay  {}", result.replay_command);
     }
     out
 }

@@ -8,6 +8,7 @@ use engine::fix::FixPolicy;
 use scenarios::{Scenario, StartContext};
 use serde::{Deserialize, Serialize};
 
+use crate::scheduler::Strategy;
 use crate::trace::{Record, format_hash};
 use crate::world::{Stop, ViolationRecord, World, WorldConfig};
 
@@ -20,6 +21,8 @@ pub struct RunSpec {
     pub params: Option<serde_json::Value>,
     pub world: Option<WorldConfig>,
     pub decision_log: Option<Vec<u32>>,
+    /// Overrides the scheduling strategy of the derived configuration.
+    pub scheduler: Option<Strategy>,
     /// Keep every trace record (for `check-determinism`).
     pub keep_trace: bool,
 }
@@ -33,6 +36,7 @@ impl RunSpec {
             params: None,
             world: None,
             decision_log: None,
+            scheduler: None,
             keep_trace: false,
         }
     }
@@ -62,6 +66,8 @@ pub struct RunResult {
     pub power_loss: bool,
     pub stats: serde_json::Value,
     pub config: RunConfig,
+    /// The command that reproduces this run.
+    pub replay_command: String,
     #[serde(skip)]
     pub decision_log: Vec<u32>,
     #[serde(skip)]
@@ -106,10 +112,13 @@ fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value) {
 pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String> {
     let started = Instant::now();
     let params = spec.params.clone().unwrap_or_else(|| scenario.configure(spec.seed));
-    let world_config = match &spec.world {
+    let mut world_config = match &spec.world {
         Some(world) => world.clone(),
         None => derive_world_config(&params)?,
     };
+    if let Some(strategy) = spec.scheduler {
+        world_config.scheduler = strategy;
+    }
     let world = World::new(spec.seed, world_config.clone(), spec.decision_log.clone(), spec.keep_trace);
     let context = StartContext { seed: spec.seed, fix: spec.fix, env: world.env(), params: params.clone() };
     let mut scenario_run = scenario.start(context)?;
@@ -140,12 +149,24 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
         power_loss,
         stats,
         config: RunConfig { world: world_config, params },
+        replay_command: replay_command(spec),
         decision_log: world.decision_log(),
         records: world.take_trace_records(),
     })
 }
 
-/// The command that reproduces a run.
-pub fn replay_command(scenario: &str, seed: u64, fix: FixPolicy) -> String {
-    format!("cargo run --release --bin sim -- run --scenario {scenario} --seed {seed} --fix {fix}")
+/// The command that reproduces a run of `spec`.
+pub fn replay_command(spec: &RunSpec) -> String {
+    let mut command = format!(
+        "cargo run --release --bin sim -- run --scenario {} --seed {} --fix {}",
+        spec.scenario, spec.seed, spec.fix
+    );
+    match spec.scheduler {
+        Some(Strategy::Random) => command.push_str(" --scheduler random"),
+        Some(Strategy::Pct { depth, steps }) => {
+            command.push_str(&format!(" --scheduler pct:{depth}:{steps}"))
+        }
+        None => {}
+    }
+    command
 }

@@ -86,6 +86,7 @@ impl SeedFile {
             params: Some(self.config.params.clone()),
             world: Some(self.config.world.clone()),
             decision_log: self.decision_log.clone(),
+            scheduler: None,
             keep_trace: false,
         }
     }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{Device, DeviceConfig};
 use crate::memory::{self, Memory, MemoryConfig};
-use crate::scheduler::{Replay, Scheduler, Strategy};
+use crate::scheduler::{Replay, ReplayMismatch, Scheduler, Strategy};
 use crate::trace::{Record, SimEvent, Trace};
 
 /// Everything that shapes a world, derived from the seed and printed with it.
@@ -104,6 +104,8 @@ struct Exec {
     workload_live: u32,
     last_workload_poll_ns: u64,
     switch_points: BTreeMap<&'static str, u64>,
+    /// Reused buffer for the runnable list handed to the scheduler.
+    scratch: Vec<TaskId>,
 }
 
 pub struct World {
@@ -171,6 +173,7 @@ impl World {
                 workload_live: 0,
                 last_workload_poll_ns: 0,
                 switch_points: BTreeMap::new(),
+                scratch: Vec::new(),
             }),
             futures: RefCell::new(Vec::new()),
             woken: Arc::new(Mutex::new(Vec::new())),
@@ -337,35 +340,12 @@ impl World {
 
     /// One scheduling decision and one poll.
     fn step(&self) {
-        let chosen = {
-            let mut exec = self.exec.borrow_mut();
-            let runnable: Vec<TaskId> = exec.runnable.iter().copied().collect();
-            let chosen = if runnable.len() == 1 {
-                runnable[0]
-            } else {
-                let decision = exec.decisions.len();
-                match exec.scheduler.choose(&runnable, decision) {
-                    Ok(task) => task,
-                    Err(mismatch) => {
-                        drop(exec);
-                        self.report(Violation { kind: "replay_mismatch", message: mismatch.message });
-                        return;
-                    }
-                }
-            };
-            debug_assert!(exec.runnable.contains(&chosen), "scheduler chose a task that cannot run");
-            if runnable.len() > 1 {
-                exec.decisions.push(chosen.0);
+        let chosen = match self.choose() {
+            Ok(task) => task,
+            Err(mismatch) => {
+                self.report(Violation { kind: "replay_mismatch", message: mismatch.message });
+                return;
             }
-            exec.runnable.remove(&chosen);
-            exec.current = Some(chosen);
-            exec.steps += 1;
-            let meta = &mut exec.tasks[chosen.0 as usize];
-            meta.waiting_on = None;
-            if meta.kind == TaskKind::Workload {
-                exec.last_workload_poll_ns = self.clock.get();
-            }
-            chosen
         };
         if self.exec.borrow().last_polled != Some(chosen) {
             self.record(Some(chosen), SimEvent::Run);
@@ -376,6 +356,32 @@ impl World {
         exec.last_polled = Some(chosen);
         drop(exec);
         self.clock.set(self.clock.get() + self.config.step_cost_ns);
+    }
+
+    /// The scheduler's decision (logged when contended); makes it current.
+    fn choose(&self) -> Result<TaskId, ReplayMismatch> {
+        let mut exec = self.exec.borrow_mut();
+        let exec = &mut *exec;
+        let contended = exec.runnable.len() > 1;
+        let chosen = if contended {
+            exec.scratch.clear();
+            exec.scratch.extend(exec.runnable.iter().copied());
+            let chosen = exec.scheduler.choose(&exec.scratch, exec.decisions.len())?;
+            exec.decisions.push(chosen.0);
+            chosen
+        } else {
+            *exec.runnable.first().expect("step runs with a runnable task")
+        };
+        let was_runnable = exec.runnable.remove(&chosen);
+        assert!(was_runnable, "scheduler chose {chosen}, which cannot run");
+        exec.current = Some(chosen);
+        exec.steps += 1;
+        let meta = &mut exec.tasks[chosen.0 as usize];
+        meta.waiting_on = None;
+        if meta.kind == TaskKind::Workload {
+            exec.last_workload_poll_ns = self.clock.get();
+        }
+        Ok(chosen)
     }
 
     fn poll(&self, task: TaskId) {

@@ -29,7 +29,7 @@ pub trait Scheduler {
 }
 
 /// Which strategy a run uses, as recorded in its configuration.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "strategy", rename_all = "snake_case")]
 pub enum Strategy {
     Random,
@@ -41,11 +41,51 @@ pub enum Strategy {
     },
 }
 
+/// Decisions over which PCT spreads its change points when none is given.
+pub const PCT_DEFAULT_STEPS: u64 = 10_000;
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    /// `random`, `pct` (depth 3), `pct:D` or `pct:D:K`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("bad scheduler '{text}': expected random, pct, pct:DEPTH or pct:DEPTH:STEPS");
+        let mut parts = text.split(':');
+        match parts.next() {
+            Some("random") if parts.next().is_none() => Ok(Strategy::Random),
+            Some("pct") => {
+                let depth = parts.next().map_or(Ok(3), |d| d.parse::<u32>().map_err(|_| bad()))?;
+                let steps =
+                    parts.next().map_or(Ok(PCT_DEFAULT_STEPS), |k| k.parse::<u64>().map_err(|_| bad()))?;
+                if depth == 0 || steps == 0 || parts.next().is_some() {
+                    return Err(bad());
+                }
+                Ok(Strategy::Pct { depth, steps })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
 impl Strategy {
     pub fn build(&self, rng: rand_chacha::ChaCha8Rng) -> Box<dyn Scheduler> {
         match *self {
             Strategy::Random => Box::new(RandomScheduler::new(rng)),
             Strategy::Pct { depth, steps } => Box::new(Pct::new(rng, depth, steps)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategies_parse() {
+        assert_eq!("random".parse(), Ok(Strategy::Random));
+        assert_eq!("pct".parse(), Ok(Strategy::Pct { depth: 3, steps: PCT_DEFAULT_STEPS }));
+        assert_eq!("pct:5:100".parse(), Ok(Strategy::Pct { depth: 5, steps: 100 }));
+        for bad in ["", "pct:0", "pct:x", "pct:2:0", "pct:1:2:3", "fifo", "random:1"] {
+            assert!(bad.parse::<Strategy>().is_err(), "{bad}");
         }
     }
 }

@@ -2,4 +2,5 @@
 
 mod cli;
 mod determinism;
+mod executor;
 mod reclaim;
