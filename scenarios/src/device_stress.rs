@@ -43,6 +43,9 @@ struct Params {
     sync_percent: u32,
     /// When power is cut; if the workload ends first, power is cut then.
     power_loss_at_ns: Option<u64>,
+    /// Overrides of the world's defaults: how fast the device's volatile
+    /// cache drains decides how much is at stake when power goes.
+    world: serde_json::Value,
 }
 
 impl Scenario for DeviceStress {
@@ -66,6 +69,10 @@ impl Scenario for DeviceStress {
             preflush_percent: rng.random_range(0..=5),
             sync_percent: rng.random_range(20..=100),
             power_loss_at_ns: rng.random_bool(0.9).then(|| rng.random_range(100_000..20_000_000)),
+            world: {
+                let drain_bytes_per_sec = [1u64 << 20, 16 << 20, 256 << 20, 1 << 30][rng.random_range(0..4)];
+                serde_json::json!({ "device": { "drain_bytes_per_sec": drain_bytes_per_sec } })
+            },
         };
         serde_json::to_value(params).expect("params serialize")
     }
