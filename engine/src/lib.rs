@@ -6,7 +6,14 @@
 
 pub mod accessors;
 pub mod env;
+pub mod error;
+pub mod extent_io;
 pub mod fix;
 pub mod format;
+pub mod fs;
+pub mod locking;
 pub mod tree_checker;
 pub mod wait;
+
+#[cfg(test)]
+pub(crate) mod testenv;

@@ -1,0 +1,162 @@
+//! The filesystem instance, the kernel's `struct btrfs_fs_info`
+//! (fs/btrfs/fs.h): what every mechanism reaches through `fs_info`.
+//!
+//! For now it holds the environment, the geometry, the fix policy, the
+//! extent buffer cache (`buffer_tree`) with its writeback state, and
+//! counters. It will grow as the other modules land: the running
+//! transaction and its commit state, the roots, the block reserves
+//! (`trans_block_rsv`, `global_block_rsv`, `delayed_refs_rsv`, ...), the
+//! space_info per type, the super block copy, the fs error state
+//! (`fs_error`, read-only after an abort).
+
+use std::cell::Cell;
+use std::rc::{Rc, Weak};
+
+use crate::env::Env;
+use crate::extent_io::{BtreeShrinker, BufferTree};
+use crate::fix::FixPolicy;
+use crate::format::{FSID_SIZE, SECTORSIZE, check_nodesize};
+
+/// Counters of the extent buffer cache and its I/O, for reports and tests.
+/// Monotonic.
+#[derive(Debug, Default)]
+pub struct FsStats {
+    /// Extent buffers inserted in the cache (`alloc_extent_buffer` misses).
+    pub eb_allocs: Cell<u64>,
+    /// `find_extent_buffer` hits.
+    pub eb_cache_hits: Cell<u64>,
+    /// Tree block read bios submitted.
+    pub eb_reads: Cell<u64>,
+    /// Reads that failed (device error or verification).
+    pub eb_read_errors: Cell<u64>,
+    /// Tree block write bios submitted.
+    pub eb_writes: Cell<u64>,
+    /// Writes refused by the write-time tree checker.
+    pub eb_write_check_failures: Cell<u64>,
+    /// Clean ebs dropped by reclaim (`try_release_extent_buffer`).
+    pub eb_evictions: Cell<u64>,
+    /// Ebs dropped because their block was freed (`free_extent_buffer_stale`).
+    pub eb_stale_frees: Cell<u64>,
+    /// `lock_extent_buffer_for_io` left a dirty eb alone because of a
+    /// search-pin blocker or a writeback inhibitor.
+    pub eb_writeback_blocked: Cell<u64>,
+    pub eb_writeback_inhibited: Cell<u64>,
+}
+
+pub struct FsInfo {
+    /// The only way to the world (bios, memory, scheduling, trace).
+    pub env: Rc<dyn Env>,
+    /// Tree block size in bytes (`fs_info->nodesize`).
+    pub nodesize: u32,
+    /// Data block size in bytes (`fs_info->sectorsize`), fixed at 4 KiB.
+    pub sectorsize: u32,
+    /// Which candidate fix for the COW amplification loop is active.
+    pub fix: FixPolicy,
+    /// The metadata fsid checked on every tree block read, once the super
+    /// block is known (`fs_devices->metadata_uuid`); `None` skips the check.
+    pub fsid: Cell<Option<[u8; FSID_SIZE]>>,
+    /// The extent buffer cache (`fs_info->buffer_tree`), LRU and writeback
+    /// cursor; see [`crate::extent_io`].
+    pub buffer_tree: BufferTree,
+    /// Tree block writes that failed on the device (or were refused by
+    /// the write-time tree checker) since mount. A commit that finds it
+    /// grew (see [`FsInfo::test_and_clear_btree_err`]) must fail with EIO.
+    pub writeback_errors: Cell<u64>,
+    /// `BTRFS_FS_BTREE_ERR`: a write of a non-log tree block failed.
+    btree_err: Cell<bool>,
+    /// `BTRFS_FS_LOG1_ERR`, `BTRFS_FS_LOG2_ERR`: a write of a log tree block
+    /// (eb `log_index` 0 or 1) failed.
+    log_err: [Cell<bool>; 2],
+    pub stats: FsStats,
+    weak: Weak<FsInfo>,
+}
+
+impl FsInfo {
+    /// A filesystem instance with an empty cache; registers the buffer
+    /// cache with the environment's reclaim (the kernel's btree inode
+    /// address space, shrunk through `btree_writepages` and
+    /// `btree_release_folio`).
+    pub fn new(env: Rc<dyn Env>, nodesize: u32, fix: FixPolicy) -> Rc<FsInfo> {
+        assert!(check_nodesize(nodesize), "invalid nodesize {nodesize}");
+        assert!(nodesize >= SECTORSIZE);
+        let fs = Rc::new_cyclic(|weak| FsInfo {
+            env: env.clone(),
+            nodesize,
+            sectorsize: SECTORSIZE,
+            fix,
+            fsid: Cell::new(None),
+            buffer_tree: BufferTree::default(),
+            writeback_errors: Cell::new(0),
+            btree_err: Cell::new(false),
+            log_err: [Cell::new(false), Cell::new(false)],
+            stats: FsStats::default(),
+            weak: weak.clone(),
+        });
+        env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));
+        fs
+    }
+
+    /// A weak handle to this instance, for callbacks that may outlive it
+    /// (bio completions, the shrinker).
+    pub fn weak(&self) -> Weak<FsInfo> {
+        self.weak.clone()
+    }
+
+    /// Record a failed tree block write (`set_btree_ioerr`): the flag of the
+    /// tree kind it belongs to and the counter.
+    pub fn set_btree_ioerr(&self, log_index: i8) {
+        self.writeback_errors.set(self.writeback_errors.get() + 1);
+        match log_index {
+            -1 => self.btree_err.set(true),
+            0 | 1 => self.log_err[log_index as usize].set(true),
+            other => panic!("bad eb log_index {other}"),
+        }
+    }
+
+    /// Whether a non-log tree block write failed since the last call
+    /// (`test_and_clear_bit(BTRFS_FS_BTREE_ERR)`, as
+    /// `btrfs_write_and_wait_transaction` does before writing the super).
+    pub fn test_and_clear_btree_err(&self) -> bool {
+        self.btree_err.replace(false)
+    }
+
+    /// Same for the log tree of `log_index` (0 or 1).
+    pub fn test_and_clear_log_err(&self, log_index: usize) -> bool {
+        self.log_err[log_index].replace(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testenv::TestEnv;
+
+    #[test]
+    fn new_registers_the_btree_shrinker() {
+        let env = TestEnv::new(1 << 20);
+        let fs = FsInfo::new(env.clone(), 16384, FixPolicy::None);
+        assert_eq!(fs.nodesize, 16384);
+        let shrinkers = env.shrinkers.borrow();
+        assert_eq!(shrinkers.len(), 1);
+        assert_eq!(shrinkers[0].name(), "btree");
+        assert_eq!(shrinkers[0].count(), Default::default());
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid nodesize")]
+    fn rejects_bad_nodesize() {
+        FsInfo::new(TestEnv::new(4096), 12288, FixPolicy::None);
+    }
+
+    #[test]
+    fn btree_errors_are_sticky_until_tested() {
+        let fs = FsInfo::new(TestEnv::new(4096), 4096, FixPolicy::None);
+        fs.set_btree_ioerr(-1);
+        fs.set_btree_ioerr(1);
+        assert_eq!(fs.writeback_errors.get(), 2);
+        assert!(fs.test_and_clear_btree_err());
+        assert!(!fs.test_and_clear_btree_err());
+        assert!(!fs.test_and_clear_log_err(0));
+        assert!(fs.test_and_clear_log_err(1));
+    }
+}
