@@ -1207,6 +1207,17 @@ fn check_extent_item(cx: &ItemCtx) -> Res {
     Ok(())
 }
 
+/// Keyed back references are keyed by the extent's bytenr, sector aligned.
+fn check_ref_objectid_aligned(cx: &ItemCtx) -> Res {
+    if !is_aligned(cx.key.objectid, SECTORSIZE) {
+        return Err(cx.generic(format!(
+            "invalid key objectid for shared block ref, have {} expect aligned to {SECTORSIZE}",
+            cx.key.objectid
+        )));
+    }
+    Ok(())
+}
+
 fn check_simple_keyed_refs(cx: &ItemCtx) -> Res {
     let key = &cx.key;
     let expect = if key.item_type == SHARED_DATA_REF_KEY { SHARED_DATA_REF_SIZE } else { 0 };
@@ -1217,12 +1228,7 @@ fn check_simple_keyed_refs(cx: &ItemCtx) -> Res {
             key.item_type
         )));
     }
-    if !is_aligned(key.objectid, SECTORSIZE) {
-        return Err(cx.generic(format!(
-            "invalid key objectid for shared block ref, have {} expect aligned to {SECTORSIZE}",
-            key.objectid
-        )));
-    }
+    check_ref_objectid_aligned(cx)?;
     if key.item_type != TREE_BLOCK_REF_KEY && !is_aligned(key.offset, SECTORSIZE) {
         return Err(cx.extent(format!(
             "invalid tree parent bytenr, have {} expect aligned to {SECTORSIZE}",
@@ -1241,12 +1247,7 @@ fn check_extent_data_ref(cx: &ItemCtx) -> Res {
             key.item_type
         )));
     }
-    if !is_aligned(key.objectid, SECTORSIZE) {
-        return Err(cx.generic(format!(
-            "invalid key objectid for shared block ref, have {} expect aligned to {SECTORSIZE}",
-            key.objectid
-        )));
-    }
+    check_ref_objectid_aligned(cx)?;
     for chunk in cx.data.chunks_exact(EXTENT_DATA_REF_SIZE) {
         let dref = ExtentDataRef::read(chunk);
         if !is_aligned(dref.offset, SECTORSIZE) {
