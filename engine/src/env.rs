@@ -165,6 +165,8 @@ pub struct Violation {
 pub enum TraceEvent {
     /// A search released its path and starts again from the root.
     SearchRestart { root: u64, level: u8, reason: RestartReason },
+    /// A `search_slot` call returned: how often it COWed and restarted.
+    SearchDone { root: u64, cows: u32, restarts: u32 },
     /// A tree block was copied on write.
     Cow { root: u64, level: u8, old_bytenr: u64, new_bytenr: u64 },
     /// `lock_extent_buffer_for_io` submitted a tree block.

@@ -12,10 +12,13 @@
 use std::cell::Cell;
 use std::rc::{Rc, Weak};
 
+use crate::block_group::BlockGroupCache;
+use crate::ctree::Root;
 use crate::env::Env;
 use crate::extent_io::{BtreeShrinker, BufferTree};
 use crate::fix::FixPolicy;
 use crate::format::{FSID_SIZE, SECTORSIZE, check_nodesize};
+use crate::transaction::TransactionControl;
 
 /// Counters of the extent buffer cache and its I/O, for reports and tests.
 /// Monotonic.
@@ -68,6 +71,14 @@ pub struct FsInfo {
     /// (eb `log_index` 0 or 1) failed.
     log_err: [Cell<bool>; 2],
     pub stats: FsStats,
+    /// The running transaction, generations, the abort state.
+    pub trans: TransactionControl,
+    /// COWs and restarts per search.
+    pub search_stats: crate::ctree::SearchStats,
+    /// Block groups and their free space.
+    pub block_groups: BlockGroupCache,
+    /// Every tree, by objectid (root tree 1, extent 2, chunk 3, dev 4, fs 5, csum 7).
+    pub roots: std::cell::RefCell<std::collections::BTreeMap<u64, Rc<Root>>>,
     weak: Weak<FsInfo>,
 }
 
@@ -90,6 +101,10 @@ impl FsInfo {
             btree_err: Cell::new(false),
             log_err: [Cell::new(false), Cell::new(false)],
             stats: FsStats::default(),
+            trans: TransactionControl::default(),
+            search_stats: Default::default(),
+            block_groups: BlockGroupCache::default(),
+            roots: Default::default(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));
@@ -98,6 +113,12 @@ impl FsInfo {
 
     /// A weak handle to this instance, for callbacks that may outlive it
     /// (bio completions, the shrinker).
+    /// The tree `objectid`; asking for a tree the filesystem does not have
+    /// is an engine bug.
+    pub fn root(&self, objectid: u64) -> Rc<Root> {
+        self.roots.borrow().get(&objectid).cloned().unwrap_or_else(|| panic!("no tree {objectid}"))
+    }
+
     pub fn weak(&self) -> Weak<FsInfo> {
         self.weak.clone()
     }

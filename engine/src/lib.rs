@@ -5,13 +5,17 @@
 //! each module against fs/btrfs.
 
 pub mod accessors;
+pub mod block_group;
+pub mod ctree;
 pub mod env;
 pub mod error;
 pub mod extent_io;
+pub mod extent_tree;
 pub mod fix;
 pub mod format;
 pub mod fs;
 pub mod locking;
+pub mod transaction;
 pub mod tree_checker;
 pub mod wait;
 
