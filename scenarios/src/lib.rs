@@ -7,6 +7,7 @@
 
 pub mod device_stress;
 pub mod streams;
+pub mod workload;
 
 use std::rc::Rc;
 
