@@ -6,6 +6,7 @@
 
 pub mod accessors;
 pub mod block_group;
+pub mod block_rsv;
 pub mod ctree;
 pub mod env;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod fix;
 pub mod format;
 pub mod fs;
 pub mod locking;
+pub mod space_info;
 pub mod transaction;
 pub mod tree_checker;
 pub mod wait;
