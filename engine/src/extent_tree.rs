@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use crate::accessors::{NewBlockHeader, init_tree_block};
 use crate::block_group::type_flags;
+use crate::block_rsv::{BlockRsv, BlockRsvType, RsvUse, unuse_block_rsv, use_block_rsv};
 use crate::ctree::Root;
 use crate::error::Error;
 use crate::extent_io::{
@@ -18,7 +19,7 @@ use crate::extent_io::{
 };
 use crate::format::{BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, HEADER_FLAG_WRITTEN};
 use crate::fs::FsInfo;
-use crate::locking::{tree_lock, tree_unlock};
+use crate::locking::tree_lock;
 use crate::transaction::{TransHandle, mark_buffer_dirty};
 
 /// Which block group type holds a tree's blocks.
@@ -27,9 +28,12 @@ pub fn tree_block_group_flags(root_objectid: u64) -> u64 {
 }
 
 /// Allocate, lock and initialise a new tree block for `root` at `level`
-/// (kernel: btrfs_alloc_tree_block). Charges one nodesize to the handle.
-/// The block is returned write-locked, up to date and dirty in the
-/// transaction.
+/// (kernel: btrfs_alloc_tree_block). The block's bytes come out of the
+/// reserve `use_block_rsv` picks for the tree. The block is returned
+/// write-locked, up to date and dirty in the transaction.
+///
+/// Departure: the space info counts the block as used at once (the kernel
+/// moves it from reserved to used when its delayed ref runs).
 pub async fn alloc_tree_block(
     handle: &TransHandle,
     root: &Root,
@@ -39,8 +43,17 @@ pub async fn alloc_tree_block(
     let nodesize = u64::from(fs.nodesize);
     let flags = tree_block_group_flags(root.objectid);
     debug_assert_eq!(type_flags(flags), flags);
-    let bytenr = fs.block_groups.find_free_extent(flags, nodesize, nodesize).ok_or(Error::Enospc)?;
-    charge_tree_block(handle, root);
+    charge_tree_block(handle, root)?;
+    let Some(bytenr) = fs.block_groups.find_free_extent(flags, nodesize, nodesize) else {
+        uncharge_tree_block(handle, root);
+        return Err(Error::Enospc);
+    };
+    if let Some(space) = fs.space.get() {
+        let space_info = space.for_flags(flags);
+        space_info.add_reserved_bytes(nodesize, nodesize);
+        space_info.update_block_group(nodesize, true);
+    }
+    adjust_root_bytes_used(root, nodesize as i64);
     let eb = alloc_extent_buffer(fs, bytenr).await;
     tree_lock(fs, &eb).await;
     assert!(!eb.dirty() && !eb.under_writeback(), "new tree block {bytenr} is still busy in the cache");
@@ -60,10 +73,50 @@ pub async fn alloc_tree_block(
     Ok(eb)
 }
 
-/// Count the block against the handle (the reservation oracle's input).
-fn charge_tree_block(handle: &TransHandle, root: &Root) {
+fn adjust_root_bytes_used(root: &Root, delta: i64) {
+    let mut item = root.root_item.borrow_mut();
+    item.bytes_used = item.bytes_used.checked_add_signed(delta).expect("root bytes_used underflow");
+}
+
+/// The handle's reserve for this tree, if the filesystem accounts space.
+fn trans_rsv<'a>(handle: &TransHandle, space: &'a crate::fs::Space) -> Option<&'a BlockRsv> {
+    handle.block_rsv.get().map(|kind| match kind {
+        BlockRsvType::DelayedItems => &*space.rsvs.delayed_block_rsv,
+        BlockRsvType::Trans => &*space.rsvs.trans_block_rsv,
+        other => panic!("a handle does not charge the {other:?} reserve"),
+    })
+}
+
+/// Take one nodesize from the reserve the kernel would use for this tree
+/// (btrfs_use_block_rsv), and count subvolume blocks against the handle:
+/// the reservation oracle's input.
+fn charge_tree_block(handle: &TransHandle, root: &Root) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let nodesize = u64::from(fs.nodesize);
     if root.is_subvolume() {
-        handle.bytes_used.set(handle.bytes_used.get() + u64::from(handle.fs.nodesize));
+        handle.bytes_used.set(handle.bytes_used.get() + nodesize);
+    }
+    let Some(space) = fs.space.get() else { return Ok(()) };
+    let charge = use_block_rsv(&space.rsvs, trans_rsv(handle, space), false, root.objectid, nodesize)?;
+    let path = match charge.path {
+        RsvUse::FromRsv => "from_rsv",
+        RsvUse::FromNewReservation => "new_reservation",
+        RsvUse::FromGlobal => "from_global",
+        RsvUse::FromEmergency => "emergency",
+    };
+    *handle.rsv_paths.borrow_mut().entry(path).or_default() += 1;
+    Ok(())
+}
+
+fn uncharge_tree_block(handle: &TransHandle, root: &Root) {
+    let fs = &handle.fs;
+    let nodesize = u64::from(fs.nodesize);
+    if root.is_subvolume() {
+        handle.bytes_used.set(handle.bytes_used.get() - nodesize);
+    }
+    if let Some(space) = fs.space.get() {
+        let rsv = space.rsvs.get_block_rsv(trans_rsv(handle, space), false, root.objectid);
+        unuse_block_rsv(&space.rsvs, rsv, nodesize);
     }
 }
 
@@ -71,7 +124,7 @@ fn charge_tree_block(handle: &TransHandle, root: &Root) {
 /// of this transaction is cleaned so it is never written; if it was never
 /// written its space is free at once, otherwise it stays pinned until the
 /// transaction commits.
-pub fn free_tree_block(handle: &TransHandle, eb: &ExtentBuffer) {
+pub fn free_tree_block(handle: &TransHandle, root: &Root, eb: &ExtentBuffer) {
     let fs = &handle.fs;
     let nodesize = u64::from(fs.nodesize);
     let ours = eb.generation() == handle.transid;
@@ -81,21 +134,28 @@ pub fn free_tree_block(handle: &TransHandle, eb: &ExtentBuffer) {
     }
     let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     fs.block_groups.free_extent(eb.start, nodesize, pin);
+    adjust_root_bytes_used(root, -(nodesize as i64));
+    let space_info = fs.space.get().map(|space| space.for_flags(tree_block_group_flags(root.objectid)));
+    if let Some(space_info) = space_info {
+        space_info.update_block_group(nodesize, false);
+    }
     if pin {
         handle.transaction.pinned.borrow_mut().insert(eb.start, nodesize);
     } else {
+        if let Some(space_info) = space_info {
+            space_info.unpin_extent(nodesize, false);
+        }
         free_extent_buffer_stale(fs, eb);
     }
-}
-
-/// Unlock helper used by callers that allocate and then give up.
-pub fn unlock_new_block(eb: &ExtentBuffer) {
-    tree_unlock(eb);
 }
 
 /// Unpin everything a committed transaction pinned (kernel: unpin_extent_range).
 pub fn unpin_extents(fs: &FsInfo, pinned: &std::collections::BTreeMap<u64, u64>) {
     for (&bytenr, &len) in pinned {
+        let group = fs.block_groups.lookup(bytenr).expect("pinned extent lies in a block group");
         fs.block_groups.unpin(bytenr, len);
+        if let Some(space) = fs.space.get() {
+            space.for_flags(group.flags).unpin_extent(len, false);
+        }
     }
 }

@@ -12,12 +12,17 @@
 use std::cell::Cell;
 use std::rc::{Rc, Weak};
 
-use crate::block_group::BlockGroupCache;
+use crate::block_group::{BlockGroupCache, type_flags};
+use crate::block_rsv::{FsBlockRsvs, GlobalRootsUsed};
 use crate::ctree::Root;
 use crate::env::Env;
 use crate::extent_io::{BtreeShrinker, BufferTree};
 use crate::fix::FixPolicy;
-use crate::format::{FSID_SIZE, SECTORSIZE, check_nodesize};
+use crate::format::{
+    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CSUM_TREE_OBJECTID, EXTENT_TREE_OBJECTID,
+    FSID_SIZE, ROOT_TREE_OBJECTID, SECTORSIZE, check_nodesize,
+};
+use crate::space_info::{SpaceInfo, SpaceInfoHandle};
 use crate::transaction::TransactionControl;
 
 /// Counters of the extent buffer cache and its I/O, for reports and tests.
@@ -44,6 +49,26 @@ pub struct FsStats {
     /// search-pin blocker or a writeback inhibitor.
     pub eb_writeback_blocked: Cell<u64>,
     pub eb_writeback_inhibited: Cell<u64>,
+}
+
+/// Space accounting of a mounted filesystem.
+pub struct Space {
+    pub data: SpaceInfoHandle,
+    pub metadata: SpaceInfoHandle,
+    pub system: SpaceInfoHandle,
+    pub rsvs: FsBlockRsvs,
+    /// Device bytes in no chunk (shared with the space infos).
+    pub unallocated: Rc<Cell<u64>>,
+}
+
+impl Space {
+    pub fn for_flags(&self, flags: u64) -> &SpaceInfoHandle {
+        match type_flags(flags) {
+            BLOCK_GROUP_DATA => &self.data,
+            BLOCK_GROUP_SYSTEM => &self.system,
+            _ => &self.metadata,
+        }
+    }
 }
 
 pub struct FsInfo {
@@ -77,6 +102,9 @@ pub struct FsInfo {
     pub search_stats: crate::ctree::SearchStats,
     /// Block groups and their free space.
     pub block_groups: BlockGroupCache,
+    /// Space accounting and block reserves, set up at mount once the block
+    /// groups are known. Absent only in unit tests of the tree code.
+    pub space: std::cell::OnceCell<Space>,
     /// Every tree, by objectid (root tree 1, extent 2, chunk 3, dev 4, fs 5, csum 7).
     pub roots: std::cell::RefCell<std::collections::BTreeMap<u64, Rc<Root>>>,
     weak: Weak<FsInfo>,
@@ -105,6 +133,7 @@ impl FsInfo {
             search_stats: Default::default(),
             block_groups: BlockGroupCache::default(),
             roots: Default::default(),
+            space: std::cell::OnceCell::new(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));
@@ -117,6 +146,47 @@ impl FsInfo {
     /// is an engine bug.
     pub fn root(&self, objectid: u64) -> Rc<Root> {
         self.roots.borrow().get(&objectid).cloned().unwrap_or_else(|| panic!("no tree {objectid}"))
+    }
+
+    /// Build the space infos from the block groups and fill the block
+    /// reserves (kernel: btrfs_init_space_info, btrfs_add_bg_to_space_info,
+    /// btrfs_init_global_block_rsv). `unallocated_bytes`: device space not
+    /// yet in any chunk, which metadata may overcommit against.
+    pub fn init_space(&self, unallocated_bytes: u64) {
+        let unallocated = Rc::new(Cell::new(unallocated_bytes));
+        let handle = |flags| {
+            SpaceInfoHandle::new(
+                self.env.clone(),
+                SpaceInfo::new(flags, 0),
+                self.nodesize,
+                unallocated.clone(),
+            )
+        };
+        let (data, metadata, system) =
+            (handle(BLOCK_GROUP_DATA), handle(BLOCK_GROUP_METADATA), handle(BLOCK_GROUP_SYSTEM));
+        for group in self.block_groups.all() {
+            let space = match type_flags(group.flags) {
+                BLOCK_GROUP_DATA => &data,
+                BLOCK_GROUP_SYSTEM => &system,
+                _ => &metadata,
+            };
+            space.add_block_group(group.length, group.used.get(), 0);
+        }
+        let rsvs = FsBlockRsvs::new(&metadata, &system, false, self.global_roots_used());
+        let space = Space { data, metadata, system, rsvs, unallocated };
+        assert!(self.space.set(space).is_ok(), "space accounting set up twice");
+    }
+
+    /// The bytes used by the trees the global reserve is sized from.
+    pub fn global_roots_used(&self) -> GlobalRootsUsed {
+        let used = |id| self.roots.borrow().get(&id).map(|r| r.root_item.borrow().bytes_used);
+        GlobalRootsUsed {
+            root_tree_bytes: used(ROOT_TREE_OBJECTID).unwrap_or(0),
+            extent_tree_bytes: used(EXTENT_TREE_OBJECTID),
+            csum_tree_bytes: used(CSUM_TREE_OBJECTID),
+            free_space_tree_bytes: None,
+            block_group_tree_bytes: None,
+        }
     }
 
     pub fn weak(&self) -> Weak<FsInfo> {

@@ -13,10 +13,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
+use crate::block_rsv::{BlockRsvType, TransRsvAccount};
+use crate::ctree::Root;
 use crate::env::{TraceEvent, WaitOn};
 use crate::error::Error;
 use crate::extent_io::ExtentBuffer;
+use crate::format::FS_TREE_OBJECTID;
 use crate::fs::FsInfo;
+use crate::space_info::FlushKind;
 use crate::wait::WaitQueue;
 
 /// The kernel's `enum btrfs_trans_state`, in order.
@@ -111,10 +115,21 @@ pub struct TransHandle {
     /// A serial number for reports.
     pub id: u64,
     pub op: Operation,
-    /// Metadata bytes this handle added to the shared transaction reserve.
-    pub bytes_reserved: Cell<u64>,
-    /// Metadata bytes this handle's COWs and allocations consumed from it.
+    /// The tree the handle was started on.
+    pub root_objectid: u64,
+    /// What start_transaction reserved for this handle; None for a join or
+    /// a filesystem without space accounting.
+    pub rsv: RefCell<Option<TransRsvAccount>>,
+    /// The reserve this handle's subvolume COWs charge (kernel:
+    /// trans->block_rsv): the shared transaction reserve after a start, the
+    /// delayed-items reserve while delayed items run, none for a join.
+    pub block_rsv: Cell<Option<BlockRsvType>>,
+    /// Metadata bytes this handle's tree block allocations consumed from
+    /// subvolume trees (the reservation oracle compares it with
+    /// `bytes_reserved`).
     pub bytes_used: Cell<u64>,
+    /// How each allocation was paid for, by path (`RsvUse`), for reports.
+    pub rsv_paths: RefCell<BTreeMap<&'static str, u64>>,
     /// Tree blocks this handle keeps from background writeback (fix
     /// `inhibit-writeback`), each holding a reference.
     pub inhibited: RefCell<BTreeMap<u64, Rc<ExtentBuffer>>>,
@@ -125,6 +140,11 @@ impl TransHandle {
     pub fn aborted(&self) -> bool {
         self.fs.trans.fs_error.get().is_some()
     }
+
+    /// Metadata bytes this handle added to the shared transaction reserve.
+    pub fn bytes_reserved(&self) -> u64 {
+        self.rsv.borrow().as_ref().map_or(0, |account| account.bytes_reserved)
+    }
 }
 
 impl Drop for TransHandle {
@@ -132,6 +152,7 @@ impl Drop for TransHandle {
         // A handle must be ended; dropping one mid-operation (power loss drops
         // every task) leaves the transaction to die with the machine.
         if !self.ended.get() {
+            release_metadata(self);
             self.release_inhibited();
         }
     }
@@ -205,17 +226,65 @@ fn new_handle(fs: &Rc<FsInfo>, transaction: Rc<Transaction>, op: Operation) -> T
         transaction,
         id,
         op,
-        bytes_reserved: Cell::new(0),
+        root_objectid: FS_TREE_OBJECTID,
+        rsv: RefCell::new(None),
+        block_rsv: Cell::new(None),
         bytes_used: Cell::new(0),
+        rsv_paths: RefCell::new(BTreeMap::new()),
         inhibited: RefCell::new(BTreeMap::new()),
         ended: Cell::new(false),
     }
 }
 
-/// End a handle: release what it inhibited, then stop counting as a writer
-/// (kernel: __btrfs_end_transaction). Reservation release is the caller's
-/// (block_rsv) business before this.
+/// Start a handle that will insert up to `num_items` items into `root`:
+/// reserve their worst case (calc_insert_metadata_size) into the shared
+/// transaction reserve, flushing if needed, then join the running
+/// transaction (kernel: start_transaction).
+pub async fn start_transaction(
+    fs: &Rc<FsInfo>,
+    root: &Root,
+    num_items: u64,
+    op: Operation,
+) -> Result<TransHandle, Error> {
+    check_fs_error(fs)?;
+    let mut account = match fs.space.get() {
+        Some(space) if num_items > 0 => {
+            Some(TransRsvAccount::reserve(&space.rsvs, num_items, FlushKind::FlushAll).await?)
+        }
+        _ => None,
+    };
+    match join_transaction(fs, op).await {
+        Ok(mut handle) => {
+            handle.root_objectid = root.objectid;
+            if account.is_some() {
+                handle.block_rsv.set(Some(BlockRsvType::Trans));
+            }
+            *handle.rsv.borrow_mut() = account;
+            Ok(handle)
+        }
+        Err(error) => {
+            if let (Some(account), Some(space)) = (account.as_mut(), fs.space.get()) {
+                account.release(&space.rsvs);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Give back what the handle reserved and did not use (kernel:
+/// btrfs_trans_release_metadata).
+fn release_metadata(handle: &TransHandle) {
+    let account = handle.rsv.borrow_mut().take();
+    if let (Some(mut account), Some(space)) = (account, handle.fs.space.get()) {
+        account.release(&space.rsvs);
+    }
+    handle.block_rsv.set(None);
+}
+
+/// End a handle: give back its reservation, release what it inhibited, then
+/// stop counting as a writer (kernel: __btrfs_end_transaction).
 pub fn end_transaction(handle: TransHandle) {
+    release_metadata(&handle);
     handle.release_inhibited();
     handle.ended.set(true);
     let transaction = &handle.transaction;
