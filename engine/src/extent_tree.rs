@@ -70,6 +70,7 @@ pub async fn alloc_tree_block(
     );
     set_extent_buffer_uptodate(&eb);
     mark_buffer_dirty(handle, &eb);
+    handle.transaction.delayed_refs.add_tree_ref(bytenr, level, root.objectid, true);
     Ok(eb)
 }
 
@@ -132,6 +133,7 @@ pub fn free_tree_block(handle: &TransHandle, root: &Root, eb: &ExtentBuffer) {
         clear_extent_buffer_dirty(eb);
         handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
     }
+    handle.transaction.delayed_refs.add_tree_ref(eb.start, eb.level(), root.objectid, false);
     let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     fs.block_groups.free_extent(eb.start, nodesize, pin);
     adjust_root_bytes_used(root, -(nodesize as i64));

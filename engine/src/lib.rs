@@ -8,6 +8,7 @@ pub mod accessors;
 pub mod block_group;
 pub mod block_rsv;
 pub mod ctree;
+pub mod delayed_ref;
 pub mod env;
 pub mod error;
 pub mod extent_io;

@@ -15,6 +15,7 @@ use std::rc::Rc;
 
 use crate::block_rsv::{BlockRsvType, TransRsvAccount};
 use crate::ctree::Root;
+use crate::delayed_ref::DelayedRefRoot;
 use crate::env::{TraceEvent, WaitOn};
 use crate::error::Error;
 use crate::extent_io::ExtentBuffer;
@@ -61,6 +62,8 @@ pub struct Transaction {
     pub dirty_ebs: RefCell<BTreeSet<u64>>,
     /// Extents freed in this transaction that stay pinned until it commits.
     pub pinned: RefCell<BTreeMap<u64, u64>>,
+    /// Reference changes of tree blocks, run at commit (and when too many queue up).
+    pub delayed_refs: DelayedRefRoot,
     /// Wakes the committer when a writer ends, and handles waiting for the
     /// commit to unblock or complete.
     pub wait: WaitQueue,
@@ -74,6 +77,7 @@ impl Transaction {
             num_writers: Cell::new(0),
             dirty_ebs: RefCell::new(BTreeSet::new()),
             pinned: RefCell::new(BTreeMap::new()),
+            delayed_refs: DelayedRefRoot::default(),
             wait: WaitQueue::new(),
         }
     }
@@ -307,4 +311,24 @@ pub fn mark_buffer_dirty(handle: &TransHandle, eb: &ExtentBuffer) {
     );
     crate::extent_io::set_extent_buffer_dirty(eb);
     handle.transaction.dirty_ebs.borrow_mut().insert(eb.start);
+}
+
+/// Abort the running transaction with `error` (kernel: btrfs_abort_transaction
+/// and btrfs_handle_fs_error): the filesystem turns read-only and every later
+/// modifying call fails with EROFS. The first error sticks; `location` names
+/// the caller, as the kernel's "error in btrfs_add_link:6606" does.
+pub fn abort_transaction(handle: &TransHandle, error: &Error, location: &'static str) {
+    let fs = &handle.fs;
+    if fs.trans.fs_error.get().is_none() {
+        fs.trans.fs_error.set(Some(error.errno()));
+        fs.env.trace(TraceEvent::Note {
+            what: "transaction_abort",
+            a: handle.transid,
+            b: u64::from(error.errno().unsigned_abs()),
+            c: 0,
+        });
+        fs.env.trace(TraceEvent::Transaction { transid: handle.transid, state: location });
+    }
+    handle.transaction.wait.wake_all();
+    fs.trans.commit_done.wake_all();
 }
