@@ -25,6 +25,7 @@ pub const EROFS: i32 = 30;
 pub const EMLINK: i32 = 31;
 pub const ENAMETOOLONG: i32 = 36;
 pub const ENOTEMPTY: i32 = 39;
+pub const EOVERFLOW: i32 = 75;
 pub const EUCLEAN: i32 = 117;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +71,8 @@ pub enum Error {
     Enametoolong,
     Emlink,
     Efbig,
+    /// An item cannot grow that much (`split_leaf` extending an item).
+    Eoverflow,
 }
 
 impl Error {
@@ -99,6 +102,7 @@ impl Error {
             Error::Enametoolong => ENAMETOOLONG,
             Error::Emlink => EMLINK,
             Error::Efbig => EFBIG,
+            Error::Eoverflow => EOVERFLOW,
         }
     }
 
@@ -148,6 +152,7 @@ impl fmt::Display for Error {
             Error::Enametoolong => f.write_str("file name too long (ENAMETOOLONG)"),
             Error::Emlink => f.write_str("too many links (EMLINK)"),
             Error::Efbig => f.write_str("file too large (EFBIG)"),
+            Error::Eoverflow => f.write_str("value too large for defined data type (EOVERFLOW)"),
         }
     }
 }

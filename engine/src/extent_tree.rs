@@ -1,23 +1,26 @@
 //! Tree block allocation and freeing (kernel: extent-tree.c,
 //! btrfs_alloc_tree_block and btrfs_free_tree_block).
 //!
-//! Status: allocation from metadata/system block groups, the model's
-//! pinning rule on free, and the per-handle charge the reservation oracle
-//! reads. Delayed refs (the extent tree's METADATA_ITEMs) are queued by
-//! `delayed_ref.rs` once it exists; reserve selection by `block_rsv.rs`.
+//! Also the running half of delayed refs (kernel: __btrfs_run_delayed_refs,
+//! alloc_reserved_tree_block, __btrfs_free_extent): each queued change of a
+//! tree block inserts or deletes its METADATA_ITEM in the extent tree.
 
 use std::rc::Rc;
 
 use crate::accessors::{NewBlockHeader, init_tree_block};
 use crate::block_group::type_flags;
 use crate::block_rsv::{BlockRsv, BlockRsvType, RsvUse, unuse_block_rsv, use_block_rsv};
-use crate::ctree::Root;
+use crate::ctree::{Path, Root, del_items, insert_item, search_slot};
+use crate::delayed_ref::RefHead;
 use crate::error::Error;
 use crate::extent_io::{
     ExtentBuffer, alloc_extent_buffer, clear_extent_buffer_dirty, free_extent_buffer_stale,
     set_extent_buffer_uptodate,
 };
-use crate::format::{BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, HEADER_FLAG_WRITTEN};
+use crate::format::{
+    BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_TREE_BLOCK,
+    EXTENT_TREE_OBJECTID, ExtentItem, HEADER_FLAG_WRITTEN, Key, METADATA_ITEM_KEY,
+};
 use crate::fs::FsInfo;
 use crate::locking::tree_lock;
 use crate::transaction::{TransHandle, mark_buffer_dirty};
@@ -160,4 +163,51 @@ pub fn unpin_extents(fs: &FsInfo, pinned: &std::collections::BTreeMap<u64, u64>)
             space.for_flags(group.flags).unpin_extent(len, false);
         }
     }
+}
+
+/// Run every queued reference change, and those that running them queues,
+/// until the queue is empty (kernel: btrfs_run_delayed_refs(trans, 0)).
+pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
+    let refs = &handle.transaction.delayed_refs;
+    while let Some(head) = refs.pop_first() {
+        refs.run.set(refs.run.get() + 1);
+        match head.ref_mod {
+            1 if head.must_insert_reserved => alloc_reserved_tree_block(handle, &head).await?,
+            -1 if !head.must_insert_reserved => free_tree_block_item(handle, &head).await?,
+            // Allocated and freed in the same transaction: the extent tree never knew it.
+            0 => {}
+            _ => panic!("inconsistent delayed ref head {head:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn metadata_key(head: &RefHead) -> Key {
+    Key { objectid: head.bytenr, item_type: METADATA_ITEM_KEY, offset: u64::from(head.level) }
+}
+
+/// Insert the skinny METADATA_ITEM of a new tree block with its one inline
+/// TREE_BLOCK_REF (33 bytes).
+async fn alloc_reserved_tree_block(handle: &TransHandle, head: &RefHead) -> Result<(), Error> {
+    let extent_root = handle.fs.root(EXTENT_TREE_OBJECTID);
+    let item = ExtentItem::tree_block(handle.transid, head.root);
+    debug_assert_eq!(item.flags, EXTENT_FLAG_TREE_BLOCK);
+    insert_item(handle, &extent_root, &metadata_key(head), &item.to_bytes()).await
+}
+
+/// Delete the METADATA_ITEM of a tree block no longer referenced.
+async fn free_tree_block_item(handle: &TransHandle, head: &RefHead) -> Result<(), Error> {
+    let extent_root = handle.fs.root(EXTENT_TREE_OBJECTID);
+    let mut path = Path::new();
+    let found = search_slot(Some(handle), &extent_root, &metadata_key(head), &mut path, -1, true).await?;
+    if !found {
+        // The kernel aborts the transaction with -EUCLEAN here: the extent
+        // tree has lost track of a block a tree still referenced.
+        return Err(Error::BadTreeBlock(format!(
+            "extent tree has no METADATA_ITEM for freed tree block {} (level {}, root {})",
+            head.bytenr, head.level, head.root
+        )));
+    }
+    let slot = path.slots[0];
+    del_items(handle, &extent_root, &mut path, slot, 1).await
 }

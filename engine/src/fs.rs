@@ -105,8 +105,14 @@ pub struct FsInfo {
     /// Space accounting and block reserves, set up at mount once the block
     /// groups are known. Absent only in unit tests of the tree code.
     pub space: std::cell::OnceCell<Space>,
+    /// In-memory inodes of the fs tree and their delayed items (the
+    /// kernel's inode cache and `fs_info->delayed_root`).
+    pub inodes: crate::inode::InodeCache,
     /// Every tree, by objectid (root tree 1, extent 2, chunk 3, dev 4, fs 5, csum 7).
     pub roots: std::cell::RefCell<std::collections::BTreeMap<u64, Rc<Root>>>,
+    /// The device, its chunks and device extents, the super block copy
+    /// (see [`crate::volumes`]).
+    pub volumes: crate::volumes::Volumes,
     weak: Weak<FsInfo>,
 }
 
@@ -133,7 +139,9 @@ impl FsInfo {
             search_stats: Default::default(),
             block_groups: BlockGroupCache::default(),
             roots: Default::default(),
+            volumes: Default::default(),
             space: std::cell::OnceCell::new(),
+            inodes: Default::default(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));

@@ -7,8 +7,12 @@
 pub mod accessors;
 pub mod block_group;
 pub mod block_rsv;
+pub mod check;
 pub mod ctree;
+pub mod delayed_inode;
 pub mod delayed_ref;
+pub mod dir_item;
+pub mod disk_io;
 pub mod env;
 pub mod error;
 pub mod extent_io;
@@ -16,10 +20,13 @@ pub mod extent_tree;
 pub mod fix;
 pub mod format;
 pub mod fs;
+pub mod inode;
+pub mod inode_item;
 pub mod locking;
 pub mod space_info;
 pub mod transaction;
 pub mod tree_checker;
+pub mod volumes;
 pub mod wait;
 
 #[cfg(test)]

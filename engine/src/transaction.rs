@@ -13,15 +13,24 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
+use crate::accessors::item_data_mut;
 use crate::block_rsv::{BlockRsvType, TransRsvAccount};
-use crate::ctree::Root;
+use crate::ctree::{Path, Root, insert_item, lookup_item, search_slot};
+use crate::delayed_inode::run_delayed_items;
 use crate::delayed_ref::DelayedRefRoot;
+use crate::disk_io::{fill_super_for_commit, write_all_supers};
 use crate::env::{TraceEvent, WaitOn};
 use crate::error::Error;
 use crate::extent_io::ExtentBuffer;
-use crate::format::FS_TREE_OBJECTID;
+use crate::extent_io::write_and_wait_ebs;
+use crate::extent_tree::{run_delayed_refs, unpin_extents};
+use crate::format::{
+    CHUNK_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, FS_TREE_OBJECTID, FixedItem, Key,
+    ROOT_ITEM_KEY, ROOT_TREE_OBJECTID, RootItem,
+};
 use crate::fs::FsInfo;
 use crate::space_info::FlushKind;
+use crate::volumes::{block_group_item_bytes, block_group_item_key};
 use crate::wait::WaitQueue;
 
 /// The kernel's `enum btrfs_trans_state`, in order.
@@ -331,4 +340,221 @@ pub fn abort_transaction(handle: &TransHandle, error: &Error, location: &'static
     }
     handle.transaction.wait.wake_all();
     fs.trans.commit_done.wake_all();
+}
+
+/// Write the root item of `root` into the root tree: its current root
+/// block, level and generation (kernel: btrfs_update_root).
+pub async fn update_root(handle: &TransHandle, root: &Root) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let tree_root = fs.root(ROOT_TREE_OBJECTID);
+    let node = root.node();
+    let mut item = root.root_item.borrow().clone();
+    item.bytenr = node.start;
+    item.level = node.level();
+    item.generation = handle.transid;
+    item.generation_v2 = handle.transid;
+    drop(node);
+    let key = Key { objectid: root.objectid, item_type: ROOT_ITEM_KEY, offset: 0 };
+    let mut path = Path::new();
+    if !search_slot(Some(handle), &tree_root, &key, &mut path, 0, true).await? {
+        return Err(Error::BadTreeBlock(format!("root tree has no ROOT_ITEM for tree {}", root.objectid)));
+    }
+    let leaf = path.nodes[0].clone().expect("a found item has a leaf");
+    {
+        let mut data = leaf.data.borrow_mut();
+        let bytes = item_data_mut(&mut data, path.slots[0]);
+        assert_eq!(bytes.len(), RootItem::SIZE, "ROOT_ITEM of tree {} has a legacy size", root.objectid);
+        item.write(bytes);
+    }
+    mark_buffer_dirty(handle, &leaf);
+    *root.root_item.borrow_mut() = item;
+    root.dirty.set(false);
+    Ok(())
+}
+
+/// Commit the running transaction, if there is one (kernel: btrfs_sync_fs).
+pub async fn sync(fs: &Rc<FsInfo>) -> Result<(), Error> {
+    check_fs_error(fs)?;
+    if fs.trans.running.borrow().is_none() {
+        return Ok(());
+    }
+    let handle = join_transaction(fs, "sync").await?;
+    commit_transaction(handle).await
+}
+
+/// Commit the handle's transaction (kernel: btrfs_commit_transaction):
+/// 1. run delayed refs; 2. stop new joins (commit_start) and wait for every
+/// other writer to end; 3. run delayed items and refs again, insert the
+/// items of chunks allocated in the transaction; 4. write the root items of
+/// changed trees and the block group items, running the delayed refs those
+/// writes queue until nothing changes (commit_fs_roots,
+/// commit_cowonly_roots); 5. take the super block's roots, then unblock: a
+/// new transaction may start; 6. write every dirty block of the transaction
+/// and wait (data-integrity writeback); 7. write the super block (a flush,
+/// then FUA); 8. unpin what the transaction freed.
+/// If another task already started committing this transaction, wait for it.
+pub async fn commit_transaction(handle: TransHandle) -> Result<(), Error> {
+    let fs = handle.fs.clone();
+    let transaction = handle.transaction.clone();
+    if let Err(error) = check_fs_error(&fs) {
+        end_transaction(handle);
+        return Err(error);
+    }
+    if transaction.state() != TransState::Running {
+        end_transaction(handle);
+        return wait_for_commit(&fs, &transaction).await;
+    }
+    let result = do_commit(&handle).await;
+    if let Err(error) = &result {
+        abort_transaction(&handle, error, "btrfs_commit_transaction");
+    }
+    release_metadata(&handle);
+    handle.release_inhibited();
+    handle.ended.set(true);
+    transaction.num_writers.set(transaction.num_writers.get() - 1);
+    transaction.wait.wake_all();
+    fs.trans.commit_done.wake_all();
+    result
+}
+
+async fn wait_for_commit(fs: &Rc<FsInfo>, transaction: &Rc<Transaction>) -> Result<(), Error> {
+    fs.env.wait_on(WaitOn::Transaction { what: "commit to complete" });
+    let (waiting, fs_waiting) = (transaction.clone(), fs.clone());
+    transaction
+        .wait
+        .wait_until(move || {
+            waiting.state() == TransState::Completed || fs_waiting.trans.fs_error.get().is_some()
+        })
+        .await;
+    check_fs_error(fs)
+}
+
+async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let transaction = &handle.transaction;
+    run_delayed_refs(handle).await?;
+    transaction.set_state(fs, TransState::CommitStart);
+    // The committer's own inhibitions end before it waits and writes.
+    handle.release_inhibited();
+    fs.env.wait_on(WaitOn::Transaction { what: "writers to end" });
+    let waiting = transaction.clone();
+    transaction.wait.wait_until(move || waiting.num_writers.get() == 1).await;
+    check_fs_error(fs)?;
+    transaction.set_state(fs, TransState::CommitDoing);
+    run_delayed_items(handle).await?;
+    run_delayed_refs(handle).await?;
+    create_pending_block_groups(handle).await?;
+    commit_roots(handle).await?;
+    let super_block = fill_super_for_commit(fs, handle.transid)?;
+    fs.trans.running.borrow_mut().take();
+    transaction.set_state(fs, TransState::Unblocked);
+    let dirty: Vec<u64> = transaction.dirty_ebs.borrow().iter().copied().collect();
+    write_and_wait_ebs(fs, &dirty).await?;
+    if fs.test_and_clear_btree_err() {
+        return Err(Error::Io { bytenr: 0 });
+    }
+    write_all_supers(fs, &super_block).await?;
+    transaction.set_state(fs, TransState::SuperCommitted);
+    fs.trans.last_trans_committed.set(handle.transid);
+    let pinned = std::mem::take(&mut *transaction.pinned.borrow_mut());
+    unpin_extents(fs, &pinned);
+    transaction.set_state(fs, TransState::Completed);
+    Ok(())
+}
+
+/// Insert the chunk, device extent and block group items of the chunks
+/// allocated in this transaction, and the device item's new bytes_used
+/// (kernel: btrfs_create_pending_block_groups, btrfs_finish_chunk_alloc).
+async fn create_pending_block_groups(handle: &TransHandle) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let pending = fs.volumes.take_pending_chunks();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (chunk_root, dev_root, extent_root) =
+        (fs.root(CHUNK_TREE_OBJECTID), fs.root(DEV_TREE_OBJECTID), fs.root(EXTENT_TREE_OBJECTID));
+    for chunk in &pending {
+        let (key, item) = chunk.chunk_item();
+        insert_item(handle, &chunk_root, &key, &item).await?;
+        let (key, item) = chunk.dev_extent_item();
+        insert_item(handle, &dev_root, &key, &item).await?;
+        let group = fs.block_groups.lookup(chunk.map.start).expect("a pending chunk has its block group");
+        let key = block_group_item_key(group.start, group.length);
+        insert_item(handle, &extent_root, &key, &block_group_item_bytes(&group)).await?;
+    }
+    let (key, item) = fs.volumes.dev_item();
+    overwrite_item(handle, &chunk_root, &key, &item).await
+}
+
+/// Replace the payload of an existing item of the same size.
+async fn overwrite_item(
+    handle: &TransHandle,
+    root: &Rc<Root>,
+    key: &Key,
+    payload: &[u8],
+) -> Result<(), Error> {
+    let mut path = Path::new();
+    if !search_slot(Some(handle), root, key, &mut path, 0, true).await? {
+        return Err(Error::BadTreeBlock(format!("tree {} has no item {key}", root.objectid)));
+    }
+    let leaf = path.nodes[0].clone().expect("a found item has a leaf");
+    {
+        let mut data = leaf.data.borrow_mut();
+        let bytes = item_data_mut(&mut data, path.slots[0]);
+        assert_eq!(bytes.len(), payload.len(), "item {key} changes size");
+        bytes.copy_from_slice(payload);
+    }
+    mark_buffer_dirty(handle, &leaf);
+    Ok(())
+}
+
+/// Write every block group item whose `used` changed (kernel:
+/// btrfs_write_dirty_block_groups). Returns whether anything was written.
+async fn write_dirty_block_groups(handle: &TransHandle) -> Result<bool, Error> {
+    let fs = &handle.fs;
+    let extent_root = fs.root(EXTENT_TREE_OBJECTID);
+    let mut wrote = false;
+    for group in fs.block_groups.all() {
+        let key = block_group_item_key(group.start, group.length);
+        let payload = block_group_item_bytes(&group);
+        if lookup_item(&extent_root, &key).await?.as_deref() != Some(payload.as_slice()) {
+            overwrite_item(handle, &extent_root, &key, &payload).await?;
+            wrote = true;
+        }
+    }
+    Ok(wrote)
+}
+
+/// Write the root items of changed trees and the block group items, and
+/// run the delayed refs that queues, until nothing changes (kernel:
+/// commit_fs_roots and the loop of commit_cowonly_roots). The root tree
+/// itself is COWed in every commit: the super block names its root with
+/// the committing generation.
+async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
+    let fs = &handle.fs;
+    for _round in 0..64 {
+        let stale: Vec<Rc<Root>> = fs
+            .roots
+            .borrow()
+            .values()
+            .filter(|root| root.objectid != ROOT_TREE_OBJECTID && root.objectid != CHUNK_TREE_OBJECTID)
+            .filter(|root| root.dirty.get() || root.root_item.borrow().bytenr != root.node().start)
+            .cloned()
+            .collect();
+        for root in &stale {
+            update_root(handle, root).await?;
+        }
+        let wrote_groups = write_dirty_block_groups(handle).await?;
+        let refs_pending = !handle.transaction.delayed_refs.is_empty();
+        run_delayed_refs(handle).await?;
+        if stale.is_empty() && !wrote_groups && !refs_pending {
+            if fs.root(ROOT_TREE_OBJECTID).node().generation() != handle.transid {
+                // Nothing changed the root tree: touch the extent root's item.
+                update_root(handle, &fs.root(EXTENT_TREE_OBJECTID)).await?;
+                continue;
+            }
+            return Ok(());
+        }
+    }
+    panic!("commit_roots did not converge in 64 rounds");
 }

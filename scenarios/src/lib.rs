@@ -6,6 +6,9 @@
 //! violations. The runner in `sim` owns the seed, the world and the clock.
 
 pub mod device_stress;
+pub mod fs_crash;
+pub mod fs_ops;
+pub mod fs_workload;
 pub mod streams;
 pub mod workload;
 
@@ -54,7 +57,11 @@ pub trait ScenarioRun {
 
 /// Every scenario, in the order `sim list` shows them.
 pub fn all() -> Vec<Box<dyn Scenario>> {
-    vec![Box::new(device_stress::DeviceStress)]
+    vec![
+        Box::new(device_stress::DeviceStress),
+        Box::new(fs_crash::FsCrash),
+        Box::new(fs_workload::FsWorkload),
+    ]
 }
 
 /// The scenario named `name`, or an error listing the known ones.

@@ -73,6 +73,12 @@ struct RunArgs {
     /// random, pct, pct:DEPTH or pct:DEPTH:STEPS (default: the seed's configuration).
     #[arg(long)]
     scheduler: Option<String>,
+    /// Replay a workload file (one operation per line) with the `workload` scenario.
+    #[arg(long, conflicts_with = "scenario")]
+    workload: Option<PathBuf>,
+    /// Node size for --workload, in bytes (4096 to 65536).
+    #[arg(long, default_value_t = 16384, requires = "workload")]
+    nodesize: u32,
     /// On a violation, write a seed file into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -114,10 +120,20 @@ fn init_tracing(trace: bool) {
 
 fn run_one(args: RunArgs) -> Result<ExitCode, String> {
     init_tracing(args.trace);
-    let scenario = scenarios::by_name(&args.scenario)?;
+    let scenario_name = if args.workload.is_some() { "workload" } else { args.scenario.as_str() };
+    let scenario = scenarios::by_name(scenario_name)?;
     let fix: FixPolicy = args.fix.parse()?;
-    let mut spec = RunSpec::new(&args.scenario, args.seed, fix);
+    let mut spec = RunSpec::new(scenario_name, args.seed, fix);
     spec.scheduler = args.scheduler.as_deref().map(str::parse).transpose()?;
+    if let Some(path) = &args.workload {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        scenarios::workload::parse(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if !engine::format::check_nodesize(args.nodesize) {
+            return Err(format!("bad --nodesize {}: a power of two from 4096 to 65536", args.nodesize));
+        }
+        spec.params = Some(scenarios::fs_workload::FsWorkload::params(&text, args.nodesize));
+    }
     let result = run(&spec, &*scenario)?;
     if args.json {
         println!("{}", serde_json::to_string(&result).expect("result serializes"));

@@ -134,7 +134,14 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
     let violations = world.violations();
     debug_assert_eq!(stop == Stop::Violation, !violations.is_empty());
     let mut stats = world.stats();
-    stats["scenario"] = report.stats;
+    let mut scenario_stats = report.stats;
+    // Sections the engine defines sit beside the world's: stats.trees.<name>.
+    for section in ["trees", "searches", "handles", "space"] {
+        if let Some(value) = scenario_stats.as_object_mut().and_then(|s| s.remove(section)) {
+            stats[section] = value;
+        }
+    }
+    stats["scenario"] = scenario_stats;
     Ok(RunResult {
         seed: spec.seed,
         scenario: scenario.name().to_string(),

@@ -1,0 +1,400 @@
+//! An offline filesystem checker (btrfs-progs `btrfs check`, read-only).
+//!
+//! `check` mounts the image afresh (its own buffer cache, nothing shared with
+//! a running filesystem), so it sees exactly what a crash at this instant
+//! would leave, and verifies:
+//! - every block reachable from a root: checksum, bytenr, level, the
+//!   generation its parent pointer names ("parent transid verify failed"),
+//!   its first key against the parent's key, the tree checker;
+//! - keys sorted within and across blocks of each tree;
+//! - every reachable tree block has exactly one METADATA_ITEM (with the
+//!   right level and owner) and every METADATA_ITEM names a reachable block;
+//! - the space accounting: each block group's BLOCK_GROUP_ITEM `used`
+//!   equals the extents allocated in it;
+//! - the namespace: DIR_ITEM, DIR_INDEX and INODE_REF agree, link counts,
+//!   directory sizes, every name points at an inode that exists.
+//!
+//! It never repairs: every finding is a line in [`CheckReport::errors`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+use crate::accessors::{
+    header_level, header_nritems, item_data, item_key, node_blockptr, node_key, node_ptr_generation,
+};
+use crate::disk_io::open_ctree;
+use crate::env::Env;
+use crate::error::Error;
+use crate::extent_io::read_tree_block;
+use crate::fix::FixPolicy;
+use crate::format::{
+    BLOCK_GROUP_ITEM_KEY, BlockGroupItem, DIR_INDEX_KEY, DIR_ITEM_KEY, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
+    ExtentItem, FIRST_FREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY, InlineRef, InodeItem,
+    Key, METADATA_ITEM_KEY, dir_items, inode_refs,
+};
+use crate::fs::FsInfo;
+
+/// The shape of one tree, as `stats.trees.<name>` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeShape {
+    pub level: u8,
+    pub nodes: u64,
+    pub leaves: u64,
+    pub items: u64,
+    pub bytes_used: u64,
+}
+
+/// What a name in the namespace is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EntryKind {
+    Dir,
+    File { ino: u64 },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CheckReport {
+    pub errors: Vec<String>,
+    /// Tree shapes by tree id.
+    pub trees: BTreeMap<u64, TreeShape>,
+    /// Every path of the top fs tree ("/a/b"), from its DIR_INDEX items.
+    pub namespace: BTreeMap<String, EntryKind>,
+    pub generation: u64,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+/// Mount the image on `env` afresh and check it.
+pub async fn check(env: Rc<dyn Env>) -> Result<CheckReport, Error> {
+    let fs = open_ctree(env, FixPolicy::None).await?;
+    Ok(check_fs(&fs).await)
+}
+
+/// Items of the trees that the cross-checks need, gathered in one walk.
+#[derive(Default)]
+struct Gathered {
+    /// Reachable tree blocks: bytenr -> (tree, level).
+    blocks: BTreeMap<u64, (u64, u8)>,
+    /// Extent tree: METADATA_ITEMs bytenr -> (level, owner).
+    metadata_items: BTreeMap<u64, (u8, Option<u64>)>,
+    /// Extent tree: data extents (EXTENT_ITEM) bytenr -> length.
+    data_extents: BTreeMap<u64, u64>,
+    block_group_items: Vec<(u64, u64, BlockGroupItem)>,
+    /// Top fs tree items.
+    fs_items: Vec<(Key, Vec<u8>)>,
+}
+
+/// Check a mounted (quiescent) filesystem.
+pub async fn check_fs(fs: &Rc<FsInfo>) -> CheckReport {
+    let mut report = CheckReport { generation: fs.trans.last_trans_committed.get(), ..Default::default() };
+    let mut gathered = Gathered::default();
+    let roots: Vec<_> = fs.roots.borrow().values().cloned().collect();
+    for root in roots {
+        let node = root.node();
+        let (bytenr, level, generation) = (node.start, node.level(), node.generation());
+        drop(node);
+        let shape =
+            walk_tree(fs, root.objectid, bytenr, level, generation, &mut gathered, &mut report.errors).await;
+        report.trees.insert(root.objectid, shape);
+    }
+    check_extents(fs, &gathered, &mut report.errors);
+    check_namespace(&gathered.fs_items, &mut report);
+    report
+}
+
+/// Depth-first walk of one tree, verifying every block on the way.
+async fn walk_tree(
+    fs: &Rc<FsInfo>,
+    tree: u64,
+    root_bytenr: u64,
+    root_level: u8,
+    root_generation: u64,
+    gathered: &mut Gathered,
+    errors: &mut Vec<String>,
+) -> TreeShape {
+    let mut shape = TreeShape { level: root_level, ..Default::default() };
+    // (bytenr, level, generation from the parent, first key from the parent, upper bound)
+    let mut stack = vec![(root_bytenr, root_level, root_generation, None::<Key>, None::<Key>)];
+    let mut last_leaf_key: Option<Key> = None;
+    while let Some((bytenr, level, generation, first_key, upper)) = stack.pop() {
+        if let Some((other, _)) = gathered.blocks.insert(bytenr, (tree, level)) {
+            errors.push(format!("tree block {bytenr} is reachable twice (trees {other} and {tree})"));
+            continue;
+        }
+        let eb = match read_tree_block(fs, bytenr, tree, level, generation, first_key).await {
+            Ok(eb) => eb,
+            Err(error) => {
+                errors.push(format!("tree {tree}: {error}"));
+                continue;
+            }
+        };
+        shape.bytes_used += u64::from(fs.nodesize);
+        let data = eb.data.borrow();
+        let nritems = header_nritems(&data) as usize;
+        if header_level(&data) != level {
+            errors.push(format!(
+                "tree {tree}: block {bytenr} has level {} where {level} was expected",
+                header_level(&data)
+            ));
+            continue;
+        }
+        let last_key = |i: usize| if level == 0 { item_key(&data, i) } else { node_key(&data, i) };
+        if nritems > 0 && upper.is_some_and(|upper| last_key(nritems - 1) >= upper) {
+            errors.push(format!("tree {tree}: block {bytenr} holds keys at or past its parent's next key"));
+        }
+        if level > 0 {
+            shape.nodes += 1;
+            // Push children in reverse so the walk visits them in key order.
+            for i in (0..nritems).rev() {
+                let next = (i + 1 < nritems).then(|| node_key(&data, i + 1)).or(upper);
+                stack.push((
+                    node_blockptr(&data, i),
+                    level - 1,
+                    node_ptr_generation(&data, i),
+                    Some(node_key(&data, i)),
+                    next,
+                ));
+            }
+            continue;
+        }
+        shape.leaves += 1;
+        shape.items += nritems as u64;
+        for i in 0..nritems {
+            let key = item_key(&data, i);
+            if last_leaf_key.is_some_and(|last| key <= last) {
+                errors.push(format!(
+                    "tree {tree}: key {key} in block {bytenr} is not after the previous leaf's last key"
+                ));
+            }
+            last_leaf_key = Some(key);
+            gather_item(tree, key, item_data(&data, i), gathered, errors);
+        }
+    }
+    shape
+}
+
+fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, errors: &mut Vec<String>) {
+    if tree == EXTENT_TREE_OBJECTID {
+        match key.item_type {
+            METADATA_ITEM_KEY => match ExtentItem::read(payload, METADATA_ITEM_KEY) {
+                Ok(item) => {
+                    let owner = item.inline_refs.iter().find_map(|r| match r {
+                        InlineRef::TreeBlock { root } => Some(*root),
+                        _ => None,
+                    });
+                    gathered.metadata_items.insert(key.objectid, (key.offset as u8, owner));
+                }
+                Err(error) => errors.push(format!("extent tree: METADATA_ITEM {key}: {error:?}")),
+            },
+            EXTENT_ITEM_KEY => {
+                gathered.data_extents.insert(key.objectid, key.offset);
+            }
+            BLOCK_GROUP_ITEM_KEY if payload.len() >= BlockGroupItem::SIZE => {
+                gathered.block_group_items.push((key.objectid, key.offset, BlockGroupItem::read(payload)));
+            }
+            _ => {}
+        }
+    } else if tree == crate::format::FS_TREE_OBJECTID {
+        gathered.fs_items.push((key, payload.to_vec()));
+    }
+}
+
+fn check_extents(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
+    for (&bytenr, &(tree, level)) in &gathered.blocks {
+        match gathered.metadata_items.get(&bytenr) {
+            None => {
+                errors.push(format!("tree block {bytenr} (tree {tree}, level {level}) has no METADATA_ITEM"))
+            }
+            Some(&(item_level, owner)) => {
+                if item_level != level {
+                    errors.push(format!(
+                        "METADATA_ITEM of block {bytenr} says level {item_level}, the block is {level}"
+                    ));
+                }
+                if owner != Some(tree) {
+                    errors.push(format!(
+                        "METADATA_ITEM of block {bytenr} names owner {owner:?}, the block is in tree {tree}"
+                    ));
+                }
+            }
+        }
+    }
+    for &bytenr in gathered.metadata_items.keys() {
+        if !gathered.blocks.contains_key(&bytenr) {
+            errors.push(format!("METADATA_ITEM for block {bytenr}, which no tree reaches (leaked)"));
+        }
+    }
+    for &(start, length, ref item) in &gathered.block_group_items {
+        let in_group = |bytenr: &u64| (start..start + length).contains(bytenr);
+        let metadata =
+            gathered.metadata_items.keys().filter(|b| in_group(b)).count() as u64 * u64::from(fs.nodesize);
+        let data: u64 = gathered.data_extents.iter().filter(|(b, _)| in_group(b)).map(|(_, len)| len).sum();
+        if item.used != metadata + data {
+            errors.push(format!(
+                "block group {start}+{length}: BLOCK_GROUP_ITEM used {} but its extents add up to {}",
+                item.used,
+                metadata + data
+            ));
+        }
+    }
+}
+
+/// DIR_ITEM, DIR_INDEX and INODE_REF agree; link counts and directory
+/// sizes are right; names point at inodes that exist. Also builds the
+/// namespace of the top fs tree.
+fn check_namespace(items: &[(Key, Vec<u8>)], report: &mut CheckReport) {
+    let errors = &mut report.errors;
+    let mut inodes: BTreeMap<u64, InodeItem> = BTreeMap::new();
+    // (child, parent) -> [(index, name)]
+    let mut refs: BTreeMap<(u64, u64), Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+    // (dir, name) -> (child, type) from DIR_ITEM and from DIR_INDEX (with index).
+    let mut by_name: BTreeMap<(u64, Vec<u8>), (u64, u8)> = BTreeMap::new();
+    let mut by_index: BTreeMap<(u64, u64), (u64, u8, Vec<u8>)> = BTreeMap::new();
+    for (key, payload) in items {
+        match key.item_type {
+            INODE_ITEM_KEY if payload.len() >= InodeItem::SIZE => {
+                inodes.insert(key.objectid, InodeItem::read(payload));
+            }
+            INODE_REF_KEY => {
+                for entry in inode_refs(payload) {
+                    match entry {
+                        Ok(r) => refs.entry((key.objectid, key.offset)).or_default().push((r.index, r.name)),
+                        Err(e) => errors.push(format!("INODE_REF {key}: {e:?}")),
+                    }
+                }
+            }
+            DIR_ITEM_KEY => {
+                for entry in dir_items(payload) {
+                    match entry {
+                        Ok(d) => {
+                            if by_name
+                                .insert((key.objectid, d.name.clone()), (d.location.objectid, d.dir_type))
+                                .is_some()
+                            {
+                                errors.push(format!(
+                                    "directory {} has two DIR_ITEMs named {:?}",
+                                    key.objectid,
+                                    lossy(&d.name)
+                                ));
+                            }
+                        }
+                        Err(e) => errors.push(format!("DIR_ITEM {key}: {e:?}")),
+                    }
+                }
+            }
+            DIR_INDEX_KEY => match dir_items(payload).next() {
+                Some(Ok(d)) => {
+                    by_index.insert((key.objectid, key.offset), (d.location.objectid, d.dir_type, d.name));
+                }
+                _ => errors.push(format!("DIR_INDEX {key} does not decode")),
+            },
+            _ => {}
+        }
+    }
+    let root_dir = FIRST_FREE_OBJECTID;
+    // Every DIR_INDEX has its DIR_ITEM and INODE_REF; sizes per directory.
+    let mut dir_sizes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut names_per_inode: BTreeMap<u64, u32> = BTreeMap::new();
+    for (&(dir, index), (child, dir_type, name)) in &by_index {
+        *dir_sizes.entry(dir).or_default() += 2 * name.len() as u64;
+        *names_per_inode.entry(*child).or_default() += 1;
+        if by_name.get(&(dir, name.clone())) != Some(&(*child, *dir_type)) {
+            errors.push(format!("DIR_INDEX {dir}/{index} {:?} has no matching DIR_ITEM", lossy(name)));
+        }
+        let has_ref =
+            refs.get(&(*child, dir)).is_some_and(|r| r.iter().any(|(i, n)| *i == index && n == name));
+        if !has_ref {
+            errors.push(format!(
+                "DIR_INDEX {dir}/{index} {:?} -> {child} has no matching INODE_REF",
+                lossy(name)
+            ));
+        }
+        match inodes.get(child) {
+            None => errors
+                .push(format!("DIR_INDEX {dir}/{index} {:?} points at missing inode {child}", lossy(name))),
+            Some(inode) => {
+                let is_dir = inode.mode & 0o170000 == 0o040000;
+                if is_dir != (*dir_type == FT_DIR) {
+                    errors.push(format!(
+                        "entry {:?} in {dir}: type {dir_type} but inode {child} mode {:o}",
+                        lossy(name),
+                        inode.mode
+                    ));
+                }
+            }
+        }
+    }
+    let indexed: BTreeSet<(u64, &[u8], u64)> =
+        by_index.iter().map(|(&(dir, _), (child, _, name))| (dir, name.as_slice(), *child)).collect();
+    for ((dir, name), (child, _)) in &by_name {
+        if !indexed.contains(&(*dir, name.as_slice(), *child)) {
+            errors.push(format!("DIR_ITEM {dir} {:?} -> {child} has no matching DIR_INDEX", lossy(name)));
+        }
+    }
+    for (&(child, parent), entries) in &refs {
+        for (index, name) in entries {
+            let is_root_self_ref = child == root_dir && parent == root_dir;
+            if !is_root_self_ref
+                && by_index.get(&(parent, *index)).is_none_or(|(c, _, n)| *c != child || n != name)
+            {
+                errors.push(format!(
+                    "INODE_REF {child} in {parent} index {index} {:?} has no DIR_INDEX",
+                    lossy(name)
+                ));
+            }
+        }
+    }
+    for (&ino, inode) in &inodes {
+        let is_dir = inode.mode & 0o170000 == 0o040000;
+        let names = names_per_inode.get(&ino).copied().unwrap_or(0);
+        if is_dir {
+            let size = dir_sizes.get(&ino).copied().unwrap_or(0);
+            if inode.size != size {
+                errors.push(format!(
+                    "directory {ino} has size {} but its entries add up to {size}",
+                    inode.size
+                ));
+            }
+            if inode.nlink != 1 {
+                errors.push(format!("directory {ino} has nlink {} (btrfs directories have 1)", inode.nlink));
+            }
+        } else if inode.nlink != names {
+            errors.push(format!("inode {ino} has nlink {} but {names} names", inode.nlink));
+        }
+        if ino != root_dir && names == 0 {
+            errors.push(format!("inode {ino} has no name (orphan)"));
+        }
+    }
+    report.namespace = build_namespace(root_dir, &by_index);
+}
+
+fn build_namespace(
+    root_dir: u64,
+    by_index: &BTreeMap<(u64, u64), (u64, u8, Vec<u8>)>,
+) -> BTreeMap<String, EntryKind> {
+    let mut namespace = BTreeMap::new();
+    let mut pending = vec![(root_dir, String::new())];
+    let mut seen = BTreeSet::new();
+    while let Some((dir, prefix)) = pending.pop() {
+        if !seen.insert(dir) {
+            continue;
+        }
+        for (_, (child, dir_type, name)) in by_index.range((dir, 0)..=(dir, u64::MAX)) {
+            let path = format!("{prefix}/{}", lossy(name));
+            if *dir_type == FT_DIR {
+                namespace.insert(path.clone(), EntryKind::Dir);
+                pending.push((*child, path));
+            } else {
+                namespace.insert(path, EntryKind::File { ino: *child });
+            }
+        }
+    }
+    namespace
+}
+
+fn lossy(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).into_owned()
+}

@@ -1,0 +1,225 @@
+//! `fs-crash`: random namespace operations with periodic syncs, power loss
+//! at a seeded time, then mount, check, and compare the namespace.
+//!
+//! One task works (the world's reclaim actors and the engine's own daemons
+//! run beside it). It keeps the POSIX model after every operation since the
+//! last sync that completed. After the power cut the image must check clean
+//! and its namespace must be the model after some operation between that
+//! sync and the last operation started: the engine may have committed more
+//! on its own, never less, and never a state no prefix of the operations
+//! produced.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use engine::env::{Env, SwitchPoint, TaskKind, TraceEvent, Violation};
+use engine::fix::FixPolicy;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::fs_ops::{Model, Node, apply, mkfs_and_mount, report_check, tree_stats};
+use crate::streams::stream;
+use crate::workload::Op;
+use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
+
+pub struct FsCrash;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Params {
+    ops: u32,
+    nodesize: u32,
+    device_bytes: u64,
+    /// Percent of operations that are a sync.
+    sync_percent: u32,
+    /// Names are drawn from this many per directory, so operations collide.
+    names: u32,
+    power_loss_at_ns: u64,
+    /// Overrides of the world: a memory budget tight enough that reclaim
+    /// writes tree blocks of the running transaction before its commit.
+    world: serde_json::Value,
+}
+
+impl Scenario for FsCrash {
+    fn name(&self) -> &'static str {
+        "fs-crash"
+    }
+
+    fn description(&self) -> &'static str {
+        "namespace operations with syncs, power loss at a seeded time, mount, check, compare with the committed model"
+    }
+
+    fn configure(&self, seed: u64) -> serde_json::Value {
+        let mut rng = stream(seed, "scenario");
+        let params = Params {
+            ops: rng.random_range(20..=300),
+            nodesize: [4096, 16384, 16384, 65536][rng.random_range(0..4)],
+            device_bytes: 1 << 30,
+            sync_percent: rng.random_range(1..=15),
+            names: rng.random_range(4..=40),
+            power_loss_at_ns: rng.random_range(100_000..40_000_000),
+            world: {
+                let high_bytes = [256u64 << 10, 1 << 20, 4 << 20, 64 << 20][rng.random_range(0..4)];
+                serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
+                    "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } } })
+            },
+        };
+        serde_json::to_value(params).expect("params serialize")
+    }
+
+    fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
+        let params: Params = serde_json::from_value(context.params.clone())
+            .map_err(|e| format!("fs-crash parameters: {e}"))?;
+        let state = Rc::new(RefCell::new(State::default()));
+        let rng = stream(context.seed, "scenario.ops");
+        let task = work(context.env.clone(), context.fix, params.clone(), rng, state.clone());
+        context.env.spawn("fs-crash", TaskKind::Workload, Box::pin(task));
+        Ok(Box::new(FsCrashRun { params, state }))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Model states that may be on disk: [0] is the last synced one.
+    candidates: Vec<Model>,
+    ops_completed: u64,
+    syncs: u64,
+    stats: serde_json::Value,
+}
+
+fn random_op(rng: &mut ChaCha8Rng, model: &Model, params: &Params) -> Op {
+    let dirs: Vec<String> = model.paths().filter(|(_, n)| **n == Node::Dir).map(|(p, _)| p.clone()).collect();
+    let existing: Vec<String> = model.paths().map(|(p, _)| p.clone()).collect();
+    let name = |rng: &mut ChaCha8Rng| {
+        let parent = if dirs.is_empty() || rng.random_bool(0.3) {
+            None
+        } else {
+            Some(&dirs[rng.random_range(0..dirs.len())])
+        };
+        let leaf = format!("n{}", rng.random_range(0..params.names));
+        parent.map_or(leaf.clone(), |p| format!("{p}/{leaf}"))
+    };
+    let pick = |rng: &mut ChaCha8Rng| {
+        if existing.is_empty() {
+            "n0".to_string()
+        } else {
+            existing[rng.random_range(0..existing.len())].clone()
+        }
+    };
+    if rng.random_range(0..100) < params.sync_percent {
+        return Op::Sync;
+    }
+    match rng.random_range(0..100) {
+        0..35 => Op::Create(name(rng)),
+        35..50 => Op::Mkdir(name(rng)),
+        50..58 => Op::Link { from: pick(rng), to: name(rng) },
+        58..72 => Op::Rename { from: pick(rng), to: name(rng) },
+        72..87 => Op::Unlink(pick(rng)),
+        87..94 => Op::Rmdir(pick(rng)),
+        _ => Op::Setattr(pick(rng)),
+    }
+}
+
+async fn work(
+    env: Rc<dyn Env>,
+    fix: FixPolicy,
+    params: Params,
+    mut rng: ChaCha8Rng,
+    state: Rc<RefCell<State>>,
+) {
+    let fs = match mkfs_and_mount(&env, params.device_bytes, params.nodesize, fix).await {
+        Ok(fs) => fs,
+        Err(error) => {
+            env.report_violation(Violation { kind: "mount", message: format!("mkfs/mount failed: {error}") });
+            return;
+        }
+    };
+    let mut model = Model::default();
+    state.borrow_mut().candidates = vec![model.clone()];
+    for index in 0..params.ops {
+        let op = random_op(&mut rng, &model, &params);
+        let mut next = model.clone();
+        let expected = next.apply(&op);
+        // From here on the operation may reach the disk.
+        state.borrow_mut().candidates.push(next.clone());
+        let result = apply(&fs, &op).await;
+        if result.is_ok() != expected {
+            let message = format!(
+                "operation {} '{op}': the model says {}, the engine gave {result:?}",
+                index + 1,
+                if expected { "success" } else { "failure" }
+            );
+            env.report_violation(Violation { kind: "namespace", message });
+            return;
+        }
+        model = next;
+        let mut state = state.borrow_mut();
+        state.ops_completed += 1;
+        if op == Op::Sync {
+            state.syncs += 1;
+            state.candidates = vec![model.clone()];
+        }
+        drop(state);
+        env.switch_point(SwitchPoint::Workload).await;
+    }
+    env.trace(TraceEvent::Note { what: "fs-crash.done", a: params.ops as u64, b: 0, c: 0 });
+}
+
+struct FsCrashRun {
+    params: Params,
+    state: Rc<RefCell<State>>,
+}
+
+impl ScenarioRun for FsCrashRun {
+    fn power_loss_at_ns(&self) -> Option<u64> {
+        Some(self.params.power_loss_at_ns)
+    }
+
+    fn after_power_loss(&mut self, env: Rc<dyn Env>) {
+        let state = self.state.clone();
+        let recovery_env = env.clone();
+        let recovery = async move {
+            let env = recovery_env;
+            let report = match engine::check::check(env.clone()).await {
+                Ok(report) => report,
+                Err(error) => {
+                    env.report_violation(Violation {
+                        kind: "mount",
+                        message: format!("mount after power loss failed: {error}"),
+                    });
+                    return;
+                }
+            };
+            if !report_check(&*env, "after power loss", &report) {
+                return;
+            }
+            let candidates = std::mem::take(&mut state.borrow_mut().candidates);
+            let matched = candidates.iter().position(|model| model.matches(&report.namespace).is_ok());
+            if matched.is_none() {
+                let difference =
+                    candidates.first().map(|m| m.matches(&report.namespace).unwrap_err()).unwrap_or_default();
+                env.report_violation(Violation {
+                    kind: "crash_namespace",
+                    message: format!(
+                        "after power loss the namespace is none of the {} states since the last sync (vs the synced one: {difference})",
+                        candidates.len()
+                    ),
+                });
+            }
+            state.borrow_mut().stats = serde_json::json!({
+                "trees": tree_stats(&report),
+                "recovered_generation": report.generation,
+                "recovered_state": matched,
+            });
+        };
+        env.spawn("recovery", TaskKind::Workload, Box::pin(recovery));
+    }
+
+    fn finish(&mut self, _env: &dyn Env) -> ScenarioReport {
+        let state = self.state.borrow();
+        let mut stats = if state.stats.is_null() { serde_json::json!({}) } else { state.stats.clone() };
+        stats["syncs"] = state.syncs.into();
+        stats["crashed_mid_workload"] = (state.ops_completed < u64::from(self.params.ops)).into();
+        ScenarioReport { ops_completed: state.ops_completed, stats }
+    }
+}

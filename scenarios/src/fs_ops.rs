@@ -1,0 +1,268 @@
+//! Shared pieces of the scenarios that run the engine: making and mounting
+//! a filesystem, applying a namespace operation by path, the reference
+//! model those operations are judged against, and statistics.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use engine::check::{CheckReport, EntryKind};
+use engine::env::{Env, Violation};
+use engine::error::Error;
+use engine::fix::FixPolicy;
+use engine::fs::FsInfo;
+
+use crate::workload::Op;
+
+/// mkfs then mount.
+pub async fn mkfs_and_mount(
+    env: &Rc<dyn Env>,
+    device_bytes: u64,
+    nodesize: u32,
+    fix: FixPolicy,
+) -> Result<Rc<FsInfo>, Error> {
+    engine::disk_io::mkfs(env.clone(), device_bytes, nodesize, fix).await?;
+    engine::disk_io::open_ctree(env.clone(), fix).await
+}
+
+/// Apply one operation by path. Returns the errno the operation gave (0 on success).
+pub async fn apply(fs: &Rc<FsInfo>, op: &Op) -> Result<(), Error> {
+    use engine::inode;
+    match op {
+        Op::Mkdir(path) => {
+            let (dir, name) = inode::resolve_parent(fs, path).await?;
+            inode::mkdir(fs, dir, &name).await.map(|_| ())
+        }
+        Op::Create(path) => {
+            let (dir, name) = inode::resolve_parent(fs, path).await?;
+            inode::create(fs, dir, &name).await.map(|_| ())
+        }
+        Op::Link { from, to } => {
+            let ino = inode::resolve(fs, from).await?;
+            let (dir, name) = inode::resolve_parent(fs, to).await?;
+            inode::link(fs, ino, dir, &name).await
+        }
+        Op::Rename { from, to } => {
+            let (old_dir, old_name) = inode::resolve_parent(fs, from).await?;
+            let (new_dir, new_name) = inode::resolve_parent(fs, to).await?;
+            inode::rename(fs, old_dir, &old_name, new_dir, &new_name).await
+        }
+        Op::Unlink(path) => {
+            let (dir, name) = inode::resolve_parent(fs, path).await?;
+            inode::unlink(fs, dir, &name).await
+        }
+        Op::Rmdir(path) => {
+            let (dir, name) = inode::resolve_parent(fs, path).await?;
+            inode::rmdir(fs, dir, &name).await
+        }
+        Op::Setattr(path) => {
+            let ino = inode::resolve(fs, path).await?;
+            inode::setattr(fs, ino).await
+        }
+        Op::Sync => engine::transaction::sync(fs).await,
+    }
+}
+
+/// The namespace a scenario believes in: path -> directory or file (files
+/// identified by a scenario-side id, so hard links compare equal).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Model {
+    entries: BTreeMap<String, Node>,
+    next_file: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Node {
+    Dir,
+    File(u64),
+}
+
+fn parent_of(path: &str) -> Option<&str> {
+    path.rsplit_once('/').map(|(parent, _)| parent)
+}
+
+impl Model {
+    fn parent_is_dir(&self, path: &str) -> bool {
+        parent_of(path).is_none_or(|parent| self.entries.get(parent) == Some(&Node::Dir))
+    }
+
+    fn has_children(&self, dir: &str) -> bool {
+        let prefix = format!("{dir}/");
+        self.entries.range(prefix.clone()..).next().is_some_and(|(p, _)| p.starts_with(&prefix))
+    }
+
+    /// Apply `op` as POSIX says; returns whether it should succeed. The
+    /// model is unchanged when it should fail.
+    pub fn apply(&mut self, op: &Op) -> bool {
+        match op {
+            Op::Mkdir(p) | Op::Create(p) => {
+                if self.entries.contains_key(p) || !self.parent_is_dir(p) {
+                    return false;
+                }
+                let node = if matches!(op, Op::Mkdir(_)) {
+                    Node::Dir
+                } else {
+                    self.next_file += 1;
+                    Node::File(self.next_file)
+                };
+                self.entries.insert(p.clone(), node);
+                true
+            }
+            Op::Link { from, to } => match self.entries.get(from) {
+                Some(&Node::File(id)) if !self.entries.contains_key(to) && self.parent_is_dir(to) => {
+                    self.entries.insert(to.clone(), Node::File(id));
+                    true
+                }
+                _ => false,
+            },
+            Op::Unlink(p) => match self.entries.get(p) {
+                Some(Node::File(_)) => {
+                    self.entries.remove(p);
+                    true
+                }
+                _ => false,
+            },
+            Op::Rmdir(p) => match self.entries.get(p) {
+                Some(Node::Dir) if !self.has_children(p) => {
+                    self.entries.remove(p);
+                    true
+                }
+                _ => false,
+            },
+            Op::Rename { from, to } => self.rename(from, to),
+            Op::Setattr(p) => self.entries.contains_key(p),
+            Op::Sync => true,
+        }
+    }
+
+    fn rename(&mut self, from: &str, to: &str) -> bool {
+        let Some(&node) = self.entries.get(from) else { return false };
+        if from == to {
+            return true;
+        }
+        if !self.parent_is_dir(to) || to.starts_with(&format!("{from}/")) {
+            return false;
+        }
+        match (node, self.entries.get(to)) {
+            (_, None) => {}
+            (Node::File(_), Some(Node::File(_))) => {}
+            (Node::Dir, Some(Node::Dir)) if !self.has_children(to) => {}
+            _ => return false,
+        }
+        let prefix = format!("{from}/");
+        let moved: Vec<(String, Node)> = self
+            .entries
+            .range(from.to_string()..)
+            .take_while(|(p, _)| p.as_str() == from || p.starts_with(&prefix))
+            .map(|(p, n)| (p.clone(), *n))
+            .collect();
+        for (path, _) in &moved {
+            self.entries.remove(path);
+        }
+        for (path, node) in moved {
+            self.entries.insert(format!("{to}{}", &path[from.len()..]), node);
+        }
+        true
+    }
+
+    /// Paths of every directory and file, for picking operation targets.
+    pub fn paths(&self) -> impl Iterator<Item = (&String, &Node)> {
+        self.entries.iter()
+    }
+
+    /// Whether a checked filesystem's namespace is this model's, up to the
+    /// identity of files: two names are the same inode in one exactly when
+    /// they are in the other.
+    pub fn matches(&self, namespace: &BTreeMap<String, EntryKind>) -> Result<(), String> {
+        let mut ours_to_theirs: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut theirs_to_ours: BTreeMap<u64, u64> = BTreeMap::new();
+        for (path, node) in &self.entries {
+            let found = namespace.get(&format!("/{path}"));
+            match (node, found) {
+                (Node::Dir, Some(EntryKind::Dir)) => {}
+                (Node::File(ours), Some(EntryKind::File { ino })) => {
+                    if *ours_to_theirs.entry(*ours).or_insert(*ino) != *ino
+                        || *theirs_to_ours.entry(*ino).or_insert(*ours) != *ours
+                    {
+                        return Err(format!("/{path}: hard links differ from the model"));
+                    }
+                }
+                (_, None) => return Err(format!("/{path} is missing")),
+                (_, Some(kind)) => return Err(format!("/{path} is {kind:?}, the model has {node:?}")),
+            }
+        }
+        if let Some(extra) = namespace.keys().find(|p| !self.entries.contains_key(&p[1..])) {
+            return Err(format!("{extra} exists but the model has no such name"));
+        }
+        Ok(())
+    }
+}
+
+/// Report every error of an offline check as a violation; returns whether it passed.
+pub fn report_check(env: &dyn Env, when: &str, report: &CheckReport) -> bool {
+    for error in report.errors.iter().take(20) {
+        env.report_violation(Violation { kind: "check", message: format!("{when}: {error}") });
+    }
+    report.ok()
+}
+
+/// `stats.trees`: shape of each tree by name.
+pub fn tree_stats(report: &CheckReport) -> serde_json::Value {
+    let name = |id: u64| match id {
+        1 => "root".to_string(),
+        2 => "extent".to_string(),
+        3 => "chunk".to_string(),
+        4 => "dev".to_string(),
+        5 => "fs".to_string(),
+        7 => "csum".to_string(),
+        id if id == engine::format::DATA_RELOC_TREE_OBJECTID => "data_reloc".to_string(),
+        id => format!("tree{id}"),
+    };
+    let trees: serde_json::Map<String, serde_json::Value> = report
+        .trees
+        .iter()
+        .map(|(&id, shape)| {
+            (
+                name(id),
+                serde_json::json!({
+                    "level": shape.level, "nodes": shape.nodes, "leaves": shape.leaves,
+                    "items": shape.items, "bytes_used": shape.bytes_used,
+                }),
+            )
+        })
+        .collect();
+    serde_json::Value::Object(trees)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::parse;
+
+    #[test]
+    fn the_model_follows_posix() {
+        let mut model = Model::default();
+        let ops = parse("mkdir d\ncreate d/f\nlink d/f d/g\nmkdir e\nrename d e/d\n").unwrap();
+        assert!(ops.iter().all(|op| model.apply(op)));
+        let paths: Vec<&String> = model.paths().map(|(p, _)| p).collect();
+        assert_eq!(paths, ["e", "e/d", "e/d/f", "e/d/g"]);
+        for bad in ["rmdir e", "create x/y", "mkdir e", "link e e2", "unlink e", "rename e e/d/h"] {
+            assert!(!model.apply(&parse(bad).unwrap()[0]), "{bad} should fail");
+        }
+        assert!(model.apply(&parse("unlink e/d/f").unwrap()[0]));
+        assert!(model.apply(&parse("rename e/d/g e/d/g2").unwrap()[0]));
+    }
+
+    #[test]
+    fn matching_compares_names_and_links() {
+        let mut model = Model::default();
+        for op in parse("create a\nlink a b\ncreate c\n").unwrap() {
+            model.apply(&op);
+        }
+        let ns = |pairs: &[(&str, u64)]| -> BTreeMap<String, EntryKind> {
+            pairs.iter().map(|(p, ino)| (p.to_string(), EntryKind::File { ino: *ino })).collect()
+        };
+        assert!(model.matches(&ns(&[("/a", 257), ("/b", 257), ("/c", 258)])).is_ok());
+        assert!(model.matches(&ns(&[("/a", 257), ("/b", 258), ("/c", 258)])).is_err());
+        assert!(model.matches(&ns(&[("/a", 257), ("/b", 257)])).unwrap_err().contains("/c is missing"));
+    }
+}
