@@ -34,7 +34,9 @@ struct Params {
     sync_percent: u32,
     /// Names are drawn from this many per directory, so operations collide.
     names: u32,
-    power_loss_at_ns: u64,
+    /// Power is cut this long after mkfs and mount are done (setup is not
+    /// under test).
+    power_loss_after_ns: u64,
     /// Overrides of the world: a memory budget tight enough that reclaim
     /// writes tree blocks of the running transaction before its commit.
     world: serde_json::Value,
@@ -57,7 +59,7 @@ impl Scenario for FsCrash {
             device_bytes: 1 << 30,
             sync_percent: rng.random_range(1..=15),
             names: rng.random_range(4..=40),
-            power_loss_at_ns: rng.random_range(100_000..40_000_000),
+            power_loss_after_ns: rng.random_range(100_000..40_000_000),
             world: {
                 let high_bytes = [256u64 << 10, 1 << 20, 4 << 20, 64 << 20][rng.random_range(0..4)];
                 serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
@@ -80,6 +82,8 @@ impl Scenario for FsCrash {
 
 #[derive(Default)]
 struct State {
+    /// When power goes: armed once the filesystem is made and mounted.
+    power_loss_at_ns: Option<u64>,
     /// Model states that may be on disk: [0] is the last synced one.
     candidates: Vec<Model>,
     ops_completed: u64,
@@ -136,6 +140,7 @@ async fn work(
     };
     let mut model = Model::default();
     state.borrow_mut().candidates = vec![model.clone()];
+    state.borrow_mut().power_loss_at_ns = Some(env.now_ns() + params.power_loss_after_ns);
     for index in 0..params.ops {
         let op = random_op(&mut rng, &model, &params);
         let mut next = model.clone();
@@ -172,7 +177,7 @@ struct FsCrashRun {
 
 impl ScenarioRun for FsCrashRun {
     fn power_loss_at_ns(&self) -> Option<u64> {
-        Some(self.params.power_loss_at_ns)
+        self.state.borrow().power_loss_at_ns
     }
 
     fn after_power_loss(&mut self, env: Rc<dyn Env>) {

@@ -47,6 +47,9 @@ pub trait Scenario {
 /// One running instance of a scenario.
 pub trait ScenarioRun {
     /// Simulated time at which the fault profile cuts power, if it does.
+    /// It may change as the run goes on (a scenario arms it once its setup
+    /// is done); the runner reads it again at least every simulated
+    /// millisecond. If the workload ends first, power is cut then.
     fn power_loss_at_ns(&self) -> Option<u64>;
     /// The world lost power: every task and cached object is gone and the
     /// device holds what survived. Spawn recovery and its oracles on `env`.

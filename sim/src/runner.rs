@@ -122,7 +122,7 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
     let world = World::new(spec.seed, world_config.clone(), spec.decision_log.clone(), spec.keep_trace);
     let context = StartContext { seed: spec.seed, fix: spec.fix, env: world.env(), params: params.clone() };
     let mut scenario_run = scenario.start(context)?;
-    let mut stop = world.run(scenario_run.power_loss_at_ns());
+    let mut stop = run_until_power_loss(&world, &*scenario_run);
     let power_loss = scenario_run.power_loss_at_ns().is_some() && stop != Stop::Violation;
     if power_loss {
         // The power goes at the drawn time, or when the workload ended if that came first.
@@ -160,6 +160,23 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
         decision_log: world.decision_log(),
         records: world.take_trace_records(),
     })
+}
+
+/// Longest stretch of simulated time run before the scenario's power-loss
+/// time is read again (a scenario may arm it once its setup is done).
+const POWER_LOSS_POLL_NS: u64 = 1_000_000;
+
+/// Run until the workload ends, a violation, or the power-loss time.
+fn run_until_power_loss(world: &World, scenario_run: &dyn scenarios::ScenarioRun) -> Stop {
+    loop {
+        let target = scenario_run.power_loss_at_ns();
+        let slice_end = world.now().saturating_add(POWER_LOSS_POLL_NS);
+        let stop = world.run(Some(target.map_or(slice_end, |at| at.min(slice_end))));
+        let due = target.is_some_and(|at| world.now() >= at);
+        if stop != Stop::TimeReached || due {
+            return stop;
+        }
+    }
 }
 
 /// The command that reproduces a run of `spec`.
