@@ -80,6 +80,27 @@ impl Scenario for FsCrash {
     }
 }
 
+/// The operations a seed's run performs: they depend on the model only
+/// (a run stops at the first result the model does not expect), so the
+/// whole sequence is known before it starts.
+fn operations(params: &Params, mut rng: ChaCha8Rng) -> Vec<Op> {
+    let mut model = Model::default();
+    (0..params.ops)
+        .map(|_| {
+            let op = random_op(&mut rng, &model, params);
+            model.apply(&op);
+            op
+        })
+        .collect()
+}
+
+/// The workload file of a seed's operations (for `sim run --workload`).
+pub fn workload_text(seed: u64) -> String {
+    let params: Params = serde_json::from_value(FsCrash.configure(seed)).expect("own params parse");
+    let ops = operations(&params, stream(seed, "scenario.ops"));
+    ops.iter().map(|op| format!("{op}\n")).collect()
+}
+
 #[derive(Default)]
 struct State {
     /// When power goes: armed once the filesystem is made and mounted.
@@ -124,13 +145,7 @@ fn random_op(rng: &mut ChaCha8Rng, model: &Model, params: &Params) -> Op {
     }
 }
 
-async fn work(
-    env: Rc<dyn Env>,
-    fix: FixPolicy,
-    params: Params,
-    mut rng: ChaCha8Rng,
-    state: Rc<RefCell<State>>,
-) {
+async fn work(env: Rc<dyn Env>, fix: FixPolicy, params: Params, rng: ChaCha8Rng, state: Rc<RefCell<State>>) {
     let fs = match mkfs_and_mount(&env, params.device_bytes, params.nodesize, fix).await {
         Ok(fs) => fs,
         Err(error) => {
@@ -141,8 +156,7 @@ async fn work(
     let mut model = Model::default();
     state.borrow_mut().candidates = vec![model.clone()];
     state.borrow_mut().power_loss_at_ns = Some(env.now_ns() + params.power_loss_after_ns);
-    for index in 0..params.ops {
-        let op = random_op(&mut rng, &model, &params);
+    for (index, op) in operations(&params, rng).into_iter().enumerate() {
         let mut next = model.clone();
         let expected = next.apply(&op);
         // From here on the operation may reach the disk.
@@ -226,5 +240,27 @@ impl ScenarioRun for FsCrashRun {
         stats["syncs"] = state.syncs.into();
         stats["crashed_mid_workload"] = (state.ops_completed < u64::from(self.params.ops)).into();
         ScenarioReport { ops_completed: state.ops_completed, stats }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operation_sequence_is_a_valid_workload_and_fixed_by_the_seed() {
+        let text = workload_text(24);
+        let ops = crate::workload::parse(&text).expect("a seed's operations parse as a workload");
+        assert!(!ops.is_empty());
+        assert_eq!(text, workload_text(24));
+        assert_ne!(text, workload_text(25));
+    }
+
+    /// `COWSIM_SEED=24 cargo test -p scenarios dump_fs_crash_workload -- --ignored --nocapture`
+    #[test]
+    #[ignore = "a tool: prints a seed's operations as a workload file"]
+    fn dump_fs_crash_workload() {
+        let seed = std::env::var("COWSIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+        print!("{}", workload_text(seed));
     }
 }

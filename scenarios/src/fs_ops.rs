@@ -136,8 +136,12 @@ impl Model {
 
     fn rename(&mut self, from: &str, to: &str) -> bool {
         let Some(&node) = self.entries.get(from) else { return false };
-        if from == to {
-            return true;
+        // POSIX: when both names are links to the same file, rename does
+        // nothing and succeeds (the kernel's vfs_rename: source == target).
+        if from == to
+            || matches!((node, self.entries.get(to)), (Node::File(a), Some(&Node::File(b))) if a == b)
+        {
+            return self.parent_is_dir(to);
         }
         if !self.parent_is_dir(to) || to.starts_with(&format!("{from}/")) {
             return false;
@@ -248,6 +252,11 @@ mod tests {
         for bad in ["rmdir e", "create x/y", "mkdir e", "link e e2", "unlink e", "rename e e/d/h"] {
             assert!(!model.apply(&parse(bad).unwrap()[0]), "{bad} should fail");
         }
+        assert!(model.apply(&parse("rename e/d/g e/d/f").unwrap()[0]), "links of one file: a no-op");
+        assert!(
+            model.paths().any(|(p, _)| p == "e/d/g"),
+            "rename between links of one file keeps both names"
+        );
         assert!(model.apply(&parse("unlink e/d/f").unwrap()[0]));
         assert!(model.apply(&parse("rename e/d/g e/d/g2").unwrap()[0]));
     }

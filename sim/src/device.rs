@@ -60,7 +60,8 @@
 //!   that is not durable — each write still in the volatile cache, and each
 //!   dispatched write not yet completed (that did not draw a write error) —
 //!   is independently *kept*, *dropped* or *torn*, 1/3 each; a torn write
-//!   keeps each of its 512-byte sectors independently with probability 1/2.
+//!   keeps each aligned atomic unit (`atomic_write_bytes`, 4 KiB by default,
+//!   at least one 512-byte sector) independently with probability 1/2.
 //!   Per sector the newest surviving version wins; if none survives the sector
 //!   keeps its media contents (older durable data or zeros), never garbage.
 //!   Afterwards the device has power again, no in-flight state and an empty
@@ -231,10 +232,20 @@ pub struct DeviceConfig {
     pub latency_spike_probability: f64,
     /// Added latency of a spike, in nanoseconds.
     pub latency_spike_ns: u64,
+    /// Atomic write unit on power fail (NVMe AWUPF), bytes: a torn write
+    /// loses or keeps each aligned unit of this size whole. 4096 by default
+    /// (flash programs whole pages); 512 models a drive that promises one
+    /// logical sector only.
+    #[serde(default = "default_atomic_write_bytes")]
+    pub atomic_write_bytes: u64,
     /// Power-loss protection. Selects the latency defaults in
     /// [`DeviceConfig::with_plp`] (FLUSH and FUA fast); the cache is treated
     /// as volatile on power loss either way.
     pub plp: bool,
+}
+
+fn default_atomic_write_bytes() -> u64 {
+    4096
 }
 
 impl DeviceConfig {
@@ -271,6 +282,7 @@ impl DeviceConfig {
             write_error_probability: 0.0,
             latency_spike_probability: 0.0,
             latency_spike_ns: 5 * MS,
+            atomic_write_bytes: default_atomic_write_bytes(),
             plp,
         }
     }
@@ -594,7 +606,15 @@ impl Device {
                 }
                 _ => {
                     report.writes_torn += 1;
-                    (0..live.len()).map(|_| self.rng.random_bool(0.5)).collect()
+                    // Sectors of one aligned atomic unit survive or vanish together.
+                    let sectors_per_unit = (self.config.atomic_write_bytes / SECTOR_SIZE).max(1);
+                    let mut units: BTreeMap<u64, bool> = BTreeMap::new();
+                    let mut keep = Vec::with_capacity(live.len());
+                    for i in 0..live.len() as u64 {
+                        let unit = (first + i) / sectors_per_unit;
+                        keep.push(*units.entry(unit).or_insert_with(|| self.rng.random_bool(0.5)));
+                    }
+                    keep
                 }
             };
             for (i, chunk) in data.chunks_exact(SECTOR).enumerate() {
@@ -1230,6 +1250,50 @@ mod tests {
 
     // ---- durability, deterministic ---------------------------------------
 
+    /// A torn write keeps or loses each aligned atomic unit whole.
+    #[test]
+    fn torn_writes_respect_the_atomic_write_unit() {
+        for (atomic, expect_partial_units) in [(4096u64, false), (512, true)] {
+            let mut partial_units = 0;
+            let mut torn_seen = 0;
+            for seed in 0..200 {
+                let config = DeviceConfig {
+                    drain_bytes_per_sec: 0,
+                    atomic_write_bytes: atomic,
+                    ..DeviceConfig::default()
+                };
+                let mut device = Device::new(config, ChaCha8Rng::seed_from_u64(seed));
+                device.submit(
+                    0,
+                    1,
+                    Bio::Write { offset_bytes: 0, data: vec![0xAB; 16384], fua: false, preflush: false },
+                );
+                let mut now = 0;
+                while device.in_flight() > 0 {
+                    now = device.next_event_ns().unwrap();
+                    device.advance(now);
+                }
+                if device.power_loss(now).writes_torn == 0 {
+                    continue;
+                }
+                torn_seen += 1;
+                let bytes = device.peek(0, 16384);
+                for unit in bytes.chunks(4096) {
+                    let kept = unit.iter().filter(|&&b| b == 0xAB).count();
+                    if kept != 0 && kept != unit.len() {
+                        partial_units += 1;
+                    }
+                }
+            }
+            assert!(torn_seen > 20, "atomic {atomic}: only {torn_seen} torn writes");
+            assert_eq!(
+                partial_units > 0,
+                expect_partial_units,
+                "atomic {atomic}: {partial_units} partly kept 4 KiB units"
+            );
+        }
+    }
+
     fn no_drain() -> DeviceConfig {
         DeviceConfig { drain_bytes_per_sec: 0, ..DeviceConfig::default() }
     }
@@ -1262,8 +1326,10 @@ mod tests {
     #[test]
     fn write_completed_after_flush_issued_is_sometimes_lost() {
         let (mut lost, mut kept, mut torn) = (0, 0, 0);
+        // One-sector atomicity, so a 4 KiB write can tear.
+        let config = DeviceConfig { atomic_write_bytes: SECTOR_SIZE, ..no_drain() };
         for seed in 0..300 {
-            let mut dev = Device::new(no_drain(), rng(seed));
+            let mut dev = Device::new(config.clone(), rng(seed));
             let a = pattern(1, 0, 8);
             dev.submit(0, 1, write(0, a.clone(), false, false));
             let (t, _) = run_until(&mut dev, 1);
