@@ -983,6 +983,7 @@ pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, 
     // btrfs_init_space_info and btrfs_add_bg_to_space_info, then the
     // block reserves.
     fs.init_space(crate::volumes::unallocated_bytes(&fs));
+    crate::transaction::start_space_flusher(&fs);
     env.trace(TraceEvent::Note { what: "open_ctree", a: sb.generation, b: sb.root, c: sb.bytenr });
     Ok(fs)
 }

@@ -34,6 +34,7 @@ pub(crate) struct BioRecord {
 }
 
 struct TaskSlot {
+    kind: TaskKind,
     name: String,
     future: Option<LocalBoxFuture<'static, ()>>,
     done: bool,
@@ -186,8 +187,9 @@ impl TestEnv {
         }
     }
 
+    /// Every workload task finished (daemons loop forever, as in the kernel).
     pub(crate) fn all_tasks_done(&self) -> bool {
-        self.tasks.borrow().iter().all(|t| t.done)
+        self.tasks.borrow().iter().all(|t| t.done || t.kind == TaskKind::Daemon)
     }
 
     /// What the named task declared it waits for, if it is blocked.
@@ -302,13 +304,14 @@ impl Env for TestEnv {
         self.shrinkers.borrow_mut().push(shrinker);
     }
 
-    fn spawn(&self, name: &str, _kind: TaskKind, future: LocalBoxFuture<'static, ()>) -> TaskId {
+    fn spawn(&self, name: &str, kind: TaskKind, future: LocalBoxFuture<'static, ()>) -> TaskId {
         let mut tasks = self.tasks.borrow_mut();
         let id = tasks.len();
         let waker = Waker::from(Arc::new(TaskWaker { id, woken: self.woken.clone() }));
         waker.wake_by_ref();
         tasks.push(TaskSlot {
             name: name.to_string(),
+            kind,
             future: Some(future),
             done: false,
             waiting_on: None,

@@ -16,20 +16,21 @@ use std::rc::Rc;
 use crate::accessors::item_data_mut;
 use crate::block_rsv::{BlockRsvType, TransRsvAccount};
 use crate::ctree::{Path, Root, insert_item, lookup_item, search_slot};
-use crate::delayed_inode::run_delayed_items;
+use crate::delayed_inode::{run_delayed_items, run_delayed_items_nr};
 use crate::delayed_ref::DelayedRefRoot;
 use crate::disk_io::{fill_super_for_commit, write_all_supers};
-use crate::env::{TraceEvent, WaitOn};
+use crate::env::{LocalBoxFuture, TraceEvent, WaitOn};
 use crate::error::Error;
 use crate::extent_io::ExtentBuffer;
 use crate::extent_io::write_and_wait_ebs;
 use crate::extent_tree::{run_delayed_refs, unpin_extents};
 use crate::format::{
-    CHUNK_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, FS_TREE_OBJECTID, FixedItem, Key,
-    ROOT_ITEM_KEY, ROOT_TREE_OBJECTID, RootItem,
+    BLOCK_GROUP_METADATA, CHUNK_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, FS_TREE_OBJECTID,
+    FixedItem, Key, ROOT_ITEM_KEY, ROOT_TREE_OBJECTID, RootItem,
 };
 use crate::fs::FsInfo;
-use crate::space_info::FlushKind;
+use crate::space_info::{FlushKind, FlushOps};
+use crate::volumes::alloc_chunk;
 use crate::volumes::{block_group_item_bytes, block_group_item_key};
 use crate::wait::WaitQueue;
 
@@ -115,6 +116,47 @@ pub struct TransactionControl {
     pub next_handle_id: Cell<u64>,
     /// Woken when a commit completes.
     pub commit_done: WaitQueue,
+    /// Bytes reserved and used by every ended handle.
+    pub handle_stats: HandleStats,
+}
+
+/// What ended handles reserved and used (the report's `stats.handles`).
+#[derive(Default)]
+pub struct HandleStats {
+    pub handles: Cell<u64>,
+    /// Handles that reserved space (started, not joined).
+    pub reserving_handles: Cell<u64>,
+    pub bytes_reserved: Cell<u64>,
+    pub bytes_used: Cell<u64>,
+    pub max_bytes_used: Cell<u64>,
+    /// Smallest reserved - used over reserving handles (negative: overdrawn).
+    pub min_headroom_bytes: Cell<Option<i64>>,
+    /// Reserving handles that used more than they reserved.
+    pub overdrawn_handles: Cell<u64>,
+    /// How tree blocks were paid for (use_block_rsv paths), over all handles.
+    pub rsv_paths: RefCell<BTreeMap<&'static str, u64>>,
+}
+
+impl HandleStats {
+    fn account(&self, handle: &TransHandle) {
+        let (reserved, used) = (handle.bytes_reserved(), handle.bytes_used.get());
+        let add = |cell: &Cell<u64>, n: u64| cell.set(cell.get() + n);
+        add(&self.handles, 1);
+        add(&self.bytes_reserved, reserved);
+        add(&self.bytes_used, used);
+        self.max_bytes_used.set(self.max_bytes_used.get().max(used));
+        if reserved > 0 {
+            add(&self.reserving_handles, 1);
+            let headroom = reserved as i64 - used as i64;
+            self.min_headroom_bytes
+                .set(Some(self.min_headroom_bytes.get().map_or(headroom, |m| m.min(headroom))));
+            add(&self.overdrawn_handles, u64::from(used > reserved));
+        }
+        let mut paths = self.rsv_paths.borrow_mut();
+        for (path, n) in handle.rsv_paths.borrow().iter() {
+            *paths.entry(path).or_default() += n;
+        }
+    }
 }
 
 /// Why a handle was started; named in violation reports.
@@ -297,6 +339,7 @@ fn release_metadata(handle: &TransHandle) {
 /// End a handle: give back its reservation, release what it inhibited, then
 /// stop counting as a writer (kernel: __btrfs_end_transaction).
 pub fn end_transaction(handle: TransHandle) {
+    handle.fs.trans.handle_stats.account(&handle);
     release_metadata(&handle);
     handle.release_inhibited();
     handle.ended.set(true);
@@ -408,6 +451,7 @@ pub async fn commit_transaction(handle: TransHandle) -> Result<(), Error> {
     if let Err(error) = &result {
         abort_transaction(&handle, error, "btrfs_commit_transaction");
     }
+    fs.trans.handle_stats.account(&handle);
     release_metadata(&handle);
     handle.release_inhibited();
     handle.ended.set(true);
@@ -557,4 +601,79 @@ async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
         }
     }
     panic!("commit_roots did not converge in 64 rounds");
+}
+
+/// What the space flusher asks of the filesystem (kernel: the calls in
+/// space-info.c's flush_space). Each step joins the running transaction, if
+/// there is one, rather than starting a new one.
+pub struct FsFlushOps {
+    fs: std::rc::Weak<FsInfo>,
+}
+
+impl FsFlushOps {
+    /// Run `step` in a joined handle, aborting the transaction if it fails.
+    fn in_joined_handle<F, Fut>(&self, what: Operation, step: F) -> LocalBoxFuture<'static, ()>
+    where
+        F: FnOnce(Rc<TransHandle>) -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<(), Error>> + 'static,
+    {
+        let fs = self.fs.clone();
+        Box::pin(async move {
+            let Some(fs) = fs.upgrade() else { return };
+            if fs.trans.running.borrow().is_none() || check_fs_error(&fs).is_err() {
+                return;
+            }
+            let Ok(handle) = join_transaction(&fs, what).await else { return };
+            let handle = Rc::new(handle);
+            if let Err(error) = step(handle.clone()).await {
+                abort_transaction(&handle, &error, what);
+            }
+            let handle = Rc::try_unwrap(handle).unwrap_or_else(|_| panic!("{what} kept its handle"));
+            end_transaction(handle);
+        })
+    }
+}
+
+impl FlushOps for FsFlushOps {
+    fn flush_delayed_items(&self, nr_items: Option<u64>) -> LocalBoxFuture<'static, ()> {
+        self.in_joined_handle("flush_delayed_items", move |handle| async move {
+            run_delayed_items_nr(&handle, nr_items).await
+        })
+    }
+
+    fn run_delayed_refs(&self, _min_bytes: Option<u64>) -> LocalBoxFuture<'static, ()> {
+        self.in_joined_handle("flush_delayed_refs", |handle| async move { run_delayed_refs(&handle).await })
+    }
+
+    fn alloc_chunk(&self, _force: bool) -> LocalBoxFuture<'static, ()> {
+        let fs = self.fs.clone();
+        Box::pin(async move {
+            if let Some(fs) = fs.upgrade() {
+                // ENOSPC marks the space info full; nothing else to do here.
+                let _ = alloc_chunk(&fs, BLOCK_GROUP_METADATA).await;
+            }
+        })
+    }
+
+    fn commit_transaction(&self) -> LocalBoxFuture<'static, ()> {
+        let fs = self.fs.clone();
+        Box::pin(async move {
+            if let Some(fs) = fs.upgrade() {
+                let _ = sync(&fs).await;
+            }
+        })
+    }
+
+    fn fs_error(&self) -> bool {
+        self.fs.upgrade().is_some_and(|fs| fs.trans.fs_error.get().is_some())
+    }
+}
+
+/// Give the metadata space info its flusher and start the async reclaim
+/// daemon (kernel: btrfs_init_async_reclaim_work at mount).
+pub fn start_space_flusher(fs: &Rc<FsInfo>) {
+    if let Some(space) = fs.space.get() {
+        space.metadata.set_flush_ops(Rc::new(FsFlushOps { fs: fs.weak() }));
+        space.metadata.spawn_async_reclaim();
+    }
 }

@@ -18,7 +18,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{Model, Node, apply, mkfs_and_mount, report_check, tree_stats};
+use crate::fs_ops::{Model, Node, apply, engine_stats, mkfs_and_mount, report_check, tree_stats};
 use crate::streams::stream;
 use crate::workload::Op;
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
@@ -103,6 +103,8 @@ pub fn workload_text(seed: u64) -> String {
 
 #[derive(Default)]
 struct State {
+    /// The filesystem under test (kept for its statistics after power loss).
+    fs: Option<Rc<engine::fs::FsInfo>>,
     /// When power goes: armed once the filesystem is made and mounted.
     power_loss_at_ns: Option<u64>,
     /// Model states that may be on disk: [0] is the last synced one.
@@ -156,6 +158,7 @@ async fn work(env: Rc<dyn Env>, fix: FixPolicy, params: Params, rng: ChaCha8Rng,
     let mut model = Model::default();
     state.borrow_mut().candidates = vec![model.clone()];
     state.borrow_mut().power_loss_at_ns = Some(env.now_ns() + params.power_loss_after_ns);
+    state.borrow_mut().fs = Some(fs.clone());
     for (index, op) in operations(&params, rng).into_iter().enumerate() {
         let mut next = model.clone();
         let expected = next.apply(&op);
@@ -239,6 +242,9 @@ impl ScenarioRun for FsCrashRun {
         let mut stats = if state.stats.is_null() { serde_json::json!({}) } else { state.stats.clone() };
         stats["syncs"] = state.syncs.into();
         stats["crashed_mid_workload"] = (state.ops_completed < u64::from(self.params.ops)).into();
+        if let (Some(fs), Some(sections)) = (&state.fs, stats.as_object_mut()) {
+            sections.extend(engine_stats(fs).as_object().cloned().unwrap_or_default());
+        }
         ScenarioReport { ops_completed: state.ops_completed, stats }
     }
 }

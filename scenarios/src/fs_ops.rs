@@ -262,6 +262,13 @@ mod tests {
     }
 
     #[test]
+    fn percentiles_of_counts() {
+        let counts: BTreeMap<u32, u64> = [(0, 90), (3, 9), (40, 1)].into_iter().collect();
+        assert_eq!(percentiles(&counts), serde_json::json!({"p50": 0, "p99": 3, "max": 40}));
+        assert_eq!(percentiles(&BTreeMap::new()), serde_json::json!({"p50": 0, "p99": 0, "max": 0}));
+    }
+
+    #[test]
     fn matching_compares_names_and_links() {
         let mut model = Model::default();
         for op in parse("create a\nlink a b\ncreate c\n").unwrap() {
@@ -274,4 +281,51 @@ mod tests {
         assert!(model.matches(&ns(&[("/a", 257), ("/b", 258), ("/c", 258)])).is_err());
         assert!(model.matches(&ns(&[("/a", 257), ("/b", 257)])).unwrap_err().contains("/c is missing"));
     }
+}
+
+/// Percentiles of a histogram kept as value -> count.
+fn percentiles(counts: &BTreeMap<u32, u64>) -> serde_json::Value {
+    let total: u64 = counts.values().sum();
+    let at = |fraction: f64| {
+        let rank = ((total as f64 * fraction).ceil() as u64).max(1);
+        let mut seen = 0;
+        counts.iter().find_map(|(&value, &n)| {
+            seen += n;
+            (seen >= rank).then_some(value)
+        })
+    };
+    serde_json::json!({
+        "p50": at(0.5).unwrap_or(0), "p99": at(0.99).unwrap_or(0),
+        "max": counts.keys().next_back().copied().unwrap_or(0),
+    })
+}
+
+/// `stats.searches` and `stats.handles` of a filesystem.
+pub fn engine_stats(fs: &FsInfo) -> serde_json::Value {
+    let searches = &fs.search_stats;
+    let restarts: serde_json::Map<String, serde_json::Value> = engine::env::RestartReason::ALL
+        .iter()
+        .zip(&searches.restarts)
+        .map(|(reason, count)| (reason.as_str().to_string(), count.get().into()))
+        .collect();
+    let handles = &fs.trans.handle_stats;
+    serde_json::json!({
+        "searches": {
+            "searches": searches.searches.get(),
+            "cows": searches.cows.get(),
+            "restarts": restarts,
+            "cows_per_search": percentiles(&searches.cows_per_search.borrow()),
+            "restarts_per_search": percentiles(&searches.restarts_per_search.borrow()),
+        },
+        "handles": {
+            "handles": handles.handles.get(),
+            "reserving_handles": handles.reserving_handles.get(),
+            "bytes_reserved": handles.bytes_reserved.get(),
+            "bytes_used": handles.bytes_used.get(),
+            "max_bytes_used": handles.max_bytes_used.get(),
+            "min_headroom_bytes": handles.min_headroom_bytes.get(),
+            "overdrawn_handles": handles.overdrawn_handles.get(),
+            "rsv_paths": *handles.rsv_paths.borrow(),
+        },
+    })
 }

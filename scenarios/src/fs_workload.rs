@@ -13,7 +13,7 @@ use engine::env::{Env, TaskKind, Violation};
 use engine::fix::FixPolicy;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{Model, apply, mkfs_and_mount, report_check, tree_stats};
+use crate::fs_ops::{Model, apply, engine_stats, mkfs_and_mount, report_check, tree_stats};
 use crate::workload::{Op, parse};
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
 
@@ -75,6 +75,7 @@ impl Scenario for FsWorkload {
 
 #[derive(Default)]
 struct State {
+    fs: Option<Rc<engine::fs::FsInfo>>,
     ops_completed: u64,
     failed_as_expected: u64,
     stats: serde_json::Value,
@@ -88,6 +89,7 @@ async fn run(env: Rc<dyn Env>, fix: FixPolicy, params: Params, ops: Vec<Op>, sta
             return;
         }
     };
+    state.borrow_mut().fs = Some(fs.clone());
     let mut model = Model::default();
     for (index, op) in ops.iter().enumerate() {
         let expected = model.apply(op);
@@ -146,6 +148,9 @@ impl ScenarioRun for FsWorkloadRun {
             stats = serde_json::json!({});
         }
         stats["failed_as_expected"] = state.failed_as_expected.into();
+        if let (Some(fs), Some(sections)) = (&state.fs, stats.as_object_mut()) {
+            sections.extend(engine_stats(fs).as_object().cloned().unwrap_or_default());
+        }
         ScenarioReport { ops_completed: state.ops_completed, stats }
     }
 }

@@ -98,6 +98,22 @@ fn replay_reproduces_a_saved_run() {
 }
 
 #[test]
+fn workload_files_run_and_bad_ones_name_the_line() {
+    let dir = std::env::temp_dir().join(format!("cowsim-workload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.txt");
+    std::fs::write(&good, "mkdir d\ncreate d/f\nsync\n").unwrap();
+    let output = sim(&["run", "--workload", good.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("scenario workload"));
+    let bad = dir.join("bad.txt");
+    std::fs::write(&bad, "mkdir d\nmkdri e\n").unwrap();
+    assert_bad_input(&["run", "--workload", bad.to_str().unwrap()], "line 2: unknown operation 'mkdri'");
+    assert_bad_input(&["run", "--workload", good.to_str().unwrap(), "--nodesize", "12288"], "bad --nodesize");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn list_names_scenarios_and_fixes() {
     let output = sim(&["list"]);
     let text = String::from_utf8_lossy(&output.stdout);

@@ -2,5 +2,6 @@
 
 mod cli;
 mod determinism;
+mod engine;
 mod executor;
 mod reclaim;
