@@ -984,6 +984,7 @@ pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, 
     // block reserves.
     fs.init_space(crate::volumes::unallocated_bytes(&fs));
     crate::transaction::start_space_flusher(&fs);
+    crate::transaction::start_transaction_kthread(&fs);
     env.trace(TraceEvent::Note { what: "open_ctree", a: sb.generation, b: sb.root, c: sb.bytenr });
     Ok(fs)
 }

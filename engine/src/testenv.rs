@@ -71,7 +71,7 @@ pub(crate) struct TestEnv {
     parked: RefCell<Vec<Waker>>,
     pub(crate) traces: RefCell<Vec<TraceEvent>>,
     pub(crate) violations: RefCell<Vec<Violation>>,
-    now_ns: Cell<u64>,
+    now_ns: Rc<Cell<u64>>,
 }
 
 impl TestEnv {
@@ -90,7 +90,7 @@ impl TestEnv {
             parked: RefCell::default(),
             traces: RefCell::default(),
             violations: RefCell::default(),
-            now_ns: Cell::new(0),
+            now_ns: Rc::new(Cell::new(0)),
         })
     }
 
@@ -280,9 +280,15 @@ impl Env for TestEnv {
         self.pending.borrow_mut().push_back((bio, end_io));
     }
 
+    /// Unit tests have no timers: a sleeper parks until the test moves the
+    /// clock with `advance_time`, so a daemon's periodic work never runs
+    /// on its own here.
     fn sleep(&self, ns: u64) -> LocalBoxFuture<'static, ()> {
-        self.now_ns.set(self.now_ns.get() + ns);
-        Box::pin(std::future::ready(()))
+        let until_ns = self.now_ns.get().saturating_add(ns);
+        let now = self.now_ns.clone();
+        Box::pin(std::future::poll_fn(move |_cx| {
+            if now.get() >= until_ns { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        }))
     }
 
     fn switch_point(&self, _at: SwitchPoint) -> LocalBoxFuture<'static, ()> {

@@ -677,3 +677,25 @@ pub fn start_space_flusher(fs: &Rc<FsInfo>) {
         space.metadata.spawn_async_reclaim();
     }
 }
+
+/// The kernel's default commit interval (`commit=30`).
+pub const COMMIT_INTERVAL_NS: u64 = 30_000_000_000;
+
+/// The transaction kthread (kernel: transaction_kthread): wakes every
+/// commit interval and commits the running transaction if it is at least
+/// that old. Started at mount as a daemon.
+pub fn start_transaction_kthread(fs: &Rc<FsInfo>) {
+    let weak = fs.weak();
+    let env = fs.env.clone();
+    let kthread = async move {
+        loop {
+            env.sleep(COMMIT_INTERVAL_NS).await;
+            let Some(fs) = weak.upgrade() else { return };
+            if check_fs_error(&fs).is_err() {
+                return;
+            }
+            let _ = sync(&fs).await;
+        }
+    };
+    fs.env.spawn("btrfs-transaction", crate::env::TaskKind::Daemon, Box::pin(kthread));
+}
