@@ -22,11 +22,10 @@ use std::rc::Rc;
 use crate::accessors::{
     header_level, header_nritems, item_data, item_key, node_blockptr, node_key, node_ptr_generation,
 };
-use crate::disk_io::open_ctree;
+use crate::disk_io::open_ctree_for_check;
 use crate::env::Env;
 use crate::error::Error;
 use crate::extent_io::read_tree_block;
-use crate::fix::FixPolicy;
 use crate::format::{
     BLOCK_GROUP_ITEM_KEY, BlockGroupItem, DIR_INDEX_KEY, DIR_ITEM_KEY, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
     ExtentItem, FIRST_FREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY, InlineRef, InodeItem,
@@ -69,7 +68,7 @@ impl CheckReport {
 
 /// Mount the image on `env` afresh and check it.
 pub async fn check(env: Rc<dyn Env>) -> Result<CheckReport, Error> {
-    let fs = open_ctree(env, FixPolicy::None).await?;
+    let fs = open_ctree_for_check(env).await?;
     Ok(check_fs(&fs).await)
 }
 

@@ -768,6 +768,9 @@ pub async fn search_slot(
     assert!(p.nodes[0].is_none(), "search_slot on a path that still holds a leaf");
     assert!(p.lowest_level == 0 || ins_len <= 0, "an insert must reach the leaf");
     let fs = root.fs_info();
+    if let Some(handle) = handle {
+        handle.search.set(crate::transaction::SearchProgress { root: root.objectid, ..Default::default() });
+    }
     let mut ctx = SearchCtx::default();
     let result = search_slot_restarting(&fs, handle, root, key, p, ins_len, cow, &mut ctx).await;
     if result.is_err() {
@@ -818,6 +821,11 @@ async fn search_slot_restarting(
             Descent::Found(found) => return Ok(found),
             Descent::Restart { reason, level } => {
                 ctx.restarts += 1;
+                if let Some(handle) = handle {
+                    let mut progress = handle.search.get();
+                    progress.restarts[reason_index(reason)] += 1;
+                    handle.search.set(progress);
+                }
                 let counter = &fs.search_stats.restarts[reason_index(reason)];
                 counter.set(counter.get() + 1);
                 fs.env.trace(TraceEvent::SearchRestart { root: root.objectid, level: level as u8, reason });
@@ -860,6 +868,9 @@ async fn search_slot_descend(
                 let parent_slot = if level + 1 < MAX_LEVEL { p.slots[level + 1] } else { 0 };
                 b = cow_block(handle, root, &b, parent.as_ref().map(|n| (n, parent_slot))).await?;
                 ctx.cows += 1;
+                let mut progress = handle.search.get();
+                progress.cows += 1;
+                handle.search.set(progress);
                 if fs.fix.pins_during_search() {
                     // btrfs_search_slot_track_cow, under the write lock.
                     b.add_writeback_blocker();

@@ -424,10 +424,25 @@ fn delayed_item_reserve_metadata(handle: &TransHandle) -> Result<u64, Error> {
     match block_rsv_migrate(src, &rsvs.delayed_block_rsv, num_bytes, true) {
         Ok(()) => {
             stats.migrates.set(stats.migrates.get() + 1);
+            handle.bytes_migrated.set(handle.bytes_migrated.get() + num_bytes);
+            crate::transaction::check_reservation(handle);
             Ok(num_bytes)
         }
         Err(enospc) => {
             stats.migrate_failures.set(stats.migrate_failures.get() + 1);
+            fs.env.report_violation(crate::env::Violation {
+                kind: "migrate_enospc",
+                message: format!(
+                    "WARNING at delayed-inode.c btrfs_insert_delayed_dir_index: block_rsv_migrate of {num_bytes} bytes failed; trans_block_rsv: size {} reserved {}; handle {} ({}) consumed {} of {} reserved; its last search: {}",
+                    src.size(),
+                    src.reserved(),
+                    handle.id,
+                    handle.op,
+                    handle.bytes_used.get() + handle.bytes_migrated.get(),
+                    handle.bytes_reserved(),
+                    handle.search.get()
+                ),
+            });
             Err(enospc.into())
         }
     }
@@ -641,10 +656,22 @@ async fn delayed_inode_reserve_metadata(handle: &TransHandle) -> Result<u64, Err
             match block_rsv_migrate(rsv_of(rsvs, kind), &rsvs.delayed_block_rsv, num_bytes, true) {
                 Ok(()) => {
                     stats.migrates.set(stats.migrates.get() + 1);
+                    handle.bytes_migrated.set(handle.bytes_migrated.get() + num_bytes);
+                    crate::transaction::check_reservation(handle);
                     Ok(num_bytes)
                 }
                 Err(enospc) => {
                     stats.migrate_failures.set(stats.migrate_failures.get() + 1);
+                    fs.env.report_violation(crate::env::Violation {
+                        kind: "migrate_enospc",
+                        message: format!(
+                            "btrfs_delayed_inode_reserve_metadata: block_rsv_migrate of {num_bytes} bytes failed; handle {} ({}) consumed {} of {} reserved",
+                            handle.id,
+                            handle.op,
+                            handle.bytes_used.get() + handle.bytes_migrated.get(),
+                            handle.bytes_reserved()
+                        ),
+                    });
                     Err(enospc.into())
                 }
             }

@@ -935,6 +935,19 @@ fn mount_error(env: &dyn Env, reason: &'static str, a: u64, b: u64) -> Error {
 /// tree (1), the chunk tree (3) and every tree with a root item (extent 2,
 /// dev 4, fs 5, csum 7 and any other).
 pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, Error> {
+    let fs = mount_trees(env, fix).await?;
+    crate::transaction::start_space_flusher(&fs);
+    crate::transaction::start_transaction_kthread(&fs);
+    Ok(fs)
+}
+
+/// Mount without starting the filesystem's daemons (the space flusher and
+/// the transaction kthread): for an offline check, which never writes.
+pub async fn open_ctree_for_check(env: Rc<dyn Env>) -> Result<Rc<FsInfo>, Error> {
+    mount_trees(env, FixPolicy::None).await
+}
+
+async fn mount_trees(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, Error> {
     let sb = read_super(&*env).await?;
     if let Err(reason) = validate_super(&sb) {
         return Err(mount_error(&*env, reason, sb.bytenr, sb.generation));
@@ -983,8 +996,6 @@ pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, 
     // btrfs_init_space_info and btrfs_add_bg_to_space_info, then the
     // block reserves.
     fs.init_space(crate::volumes::unallocated_bytes(&fs));
-    crate::transaction::start_space_flusher(&fs);
-    crate::transaction::start_transaction_kthread(&fs);
     env.trace(TraceEvent::Note { what: "open_ctree", a: sb.generation, b: sb.root, c: sb.bytenr });
     Ok(fs)
 }

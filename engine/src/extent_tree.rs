@@ -12,6 +12,7 @@ use crate::block_group::type_flags;
 use crate::block_rsv::{BlockRsv, BlockRsvType, RsvUse, unuse_block_rsv, use_block_rsv};
 use crate::ctree::{Path, Root, del_items, insert_item, search_slot};
 use crate::delayed_ref::RefHead;
+use crate::env::Violation;
 use crate::error::Error;
 use crate::extent_io::{
     ExtentBuffer, alloc_extent_buffer, clear_extent_buffer_dirty, free_extent_buffer_stale,
@@ -23,7 +24,7 @@ use crate::format::{
 };
 use crate::fs::FsInfo;
 use crate::locking::tree_lock;
-use crate::transaction::{TransHandle, mark_buffer_dirty};
+use crate::transaction::{TransHandle, check_reservation, mark_buffer_dirty};
 
 /// Which block group type holds a tree's blocks.
 pub fn tree_block_group_flags(root_objectid: u64) -> u64 {
@@ -101,7 +102,20 @@ fn charge_tree_block(handle: &TransHandle, root: &Root) -> Result<(), Error> {
         handle.bytes_used.set(handle.bytes_used.get() + nodesize);
     }
     let Some(space) = fs.space.get() else { return Ok(()) };
+    if root.is_subvolume() {
+        check_reservation(handle);
+    }
     let charge = use_block_rsv(&space.rsvs, trans_rsv(handle, space), false, root.objectid, nodesize)?;
+    let overdrawn = matches!(charge.path, RsvUse::FromGlobal | RsvUse::FromEmergency);
+    if charge.chosen == BlockRsvType::Trans && overdrawn {
+        fs.env.report_violation(Violation {
+            kind: "trans_rsv_overdrawn",
+            message: format!(
+                "the shared transaction reserve was empty: handle {} ({}) took a block of tree {} from the {:?} path; {}",
+                handle.id, handle.op, root.objectid, charge.path, handle.search.get()
+            ),
+        });
+    }
     let path = match charge.path {
         RsvUse::FromRsv => "from_rsv",
         RsvUse::FromNewReservation => "new_reservation",

@@ -1415,6 +1415,12 @@ mod tests {
             )
         });
         assert_eq!(later, (EROFS, EROFS, EROFS, 0));
+        // The oracles report what the kernel logs: the failed migrate, then the abort.
+        let violations = env.violations.borrow();
+        let kinds: Vec<&str> = violations.iter().map(|v| v.kind).collect();
+        assert_eq!(kinds, ["migrate_enospc", "enospc_abort"]);
+        assert!(violations[0].message.contains("trans_block_rsv: size 1310720"), "{}", violations[0].message);
+        assert!(violations[1].message.contains("bytes unallocated"), "{}", violations[1].message);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::ctree::{Path, Root, insert_item, lookup_item, search_slot};
 use crate::delayed_inode::{run_delayed_items, run_delayed_items_nr};
 use crate::delayed_ref::DelayedRefRoot;
 use crate::disk_io::{fill_super_for_commit, write_all_supers};
-use crate::env::{LocalBoxFuture, TraceEvent, WaitOn};
+use crate::env::{LocalBoxFuture, TraceEvent, Violation, WaitOn};
 use crate::error::Error;
 use crate::extent_io::ExtentBuffer;
 use crate::extent_io::write_and_wait_ebs;
@@ -139,7 +139,8 @@ pub struct HandleStats {
 
 impl HandleStats {
     fn account(&self, handle: &TransHandle) {
-        let (reserved, used) = (handle.bytes_reserved(), handle.bytes_used.get());
+        let (reserved, used) =
+            (handle.bytes_reserved(), handle.bytes_used.get() + handle.bytes_migrated.get());
         let add = |cell: &Cell<u64>, n: u64| cell.set(cell.get() + n);
         add(&self.handles, 1);
         add(&self.bytes_reserved, reserved);
@@ -156,6 +157,25 @@ impl HandleStats {
         for (path, n) in handle.rsv_paths.borrow().iter() {
             *paths.entry(path).or_default() += n;
         }
+    }
+}
+
+/// COWs and restarts (by reason, as `RestartReason::ALL`) of the search a
+/// handle is running or ran last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchProgress {
+    pub root: u64,
+    pub cows: u32,
+    pub restarts: [u32; 4],
+}
+
+impl std::fmt::Display for SearchProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a search of tree {} COWed {} blocks after restarts", self.root, self.cows)?;
+        for (reason, n) in crate::env::RestartReason::ALL.iter().zip(self.restarts) {
+            write!(f, " {}={n}", reason.as_str())?;
+        }
+        Ok(())
     }
 }
 
@@ -185,6 +205,13 @@ pub struct TransHandle {
     pub bytes_used: Cell<u64>,
     /// How each allocation was paid for, by path (`RsvUse`), for reports.
     pub rsv_paths: RefCell<BTreeMap<&'static str, u64>>,
+    /// Bytes of this handle's reservation migrated to the delayed-items
+    /// reserve (dir index batches, inode updates): consumption too.
+    pub bytes_migrated: Cell<u64>,
+    /// The search running under this handle, for the reservation oracle's report.
+    pub search: Cell<SearchProgress>,
+    /// The reservation oracle reported this handle already.
+    pub overdraw_reported: Cell<bool>,
     /// Tree blocks this handle keeps from background writeback (fix
     /// `inhibit-writeback`), each holding a reference.
     pub inhibited: RefCell<BTreeMap<u64, Rc<ExtentBuffer>>>,
@@ -286,6 +313,9 @@ fn new_handle(fs: &Rc<FsInfo>, transaction: Rc<Transaction>, op: Operation) -> T
         block_rsv: Cell::new(None),
         bytes_used: Cell::new(0),
         rsv_paths: RefCell::new(BTreeMap::new()),
+        bytes_migrated: Cell::new(0),
+        search: Cell::new(SearchProgress::default()),
+        overdraw_reported: Cell::new(false),
         inhibited: RefCell::new(BTreeMap::new()),
         ended: Cell::new(false),
     }
@@ -361,6 +391,12 @@ pub fn mark_buffer_dirty(handle: &TransHandle, eb: &ExtentBuffer) {
         eb.generation(),
         handle.transid
     );
+    if eb.under_writeback() {
+        handle.fs.env.report_violation(Violation {
+            kind: "modified_under_writeback",
+            message: format!("tree block {} modified while its write is in flight ({})", eb.start, handle.op),
+        });
+    }
     crate::extent_io::set_extent_buffer_dirty(eb);
     handle.transaction.dirty_ebs.borrow_mut().insert(eb.start);
 }
@@ -373,6 +409,17 @@ pub fn abort_transaction(handle: &TransHandle, error: &Error, location: &'static
     let fs = &handle.fs;
     if fs.trans.fs_error.get().is_none() {
         fs.trans.fs_error.set(Some(error.errno()));
+        let unallocated = crate::volumes::unallocated_bytes(fs);
+        let kind = if *error == Error::Enospc { "enospc_abort" } else { "transaction_abort" };
+        fs.env.report_violation(Violation {
+            kind,
+            message: format!(
+                "BTRFS: Transaction aborted (error -{}) in {location}: transaction {} forced read-only with {unallocated} bytes unallocated ({})",
+                error.errno(),
+                handle.transid,
+                handle.op
+            ),
+        });
         fs.env.trace(TraceEvent::Note {
             what: "transaction_abort",
             a: handle.transid,
@@ -576,7 +623,15 @@ async fn write_dirty_block_groups(handle: &TransHandle) -> Result<bool, Error> {
 /// the committing generation.
 async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
     let fs = &handle.fs;
-    for _round in 0..64 {
+    for round in 0..COMMIT_ROUNDS_MAX {
+        if round > 0 && round % 16 == 0 {
+            fs.env.trace(TraceEvent::Note {
+                what: "commit_roots_round",
+                a: handle.transid,
+                b: round as u64,
+                c: 0,
+            });
+        }
         let stale: Vec<Rc<Root>> = fs
             .roots
             .borrow()
@@ -600,8 +655,23 @@ async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
             return Ok(());
         }
     }
-    panic!("commit_roots did not converge in 64 rounds");
+    // The kernel loops for as long as it takes; a bound turns a livelock
+    // into a report instead of a hang.
+    fs.env.report_violation(Violation {
+        kind: "commit_livelock",
+        message: format!(
+            "transaction {}: root items still changing after {COMMIT_ROUNDS_MAX} rounds of commit_cowonly_roots",
+            handle.transid
+        ),
+    });
+    Err(Error::Eagain)
 }
+
+/// Rounds of writing root items and running delayed refs before a commit
+/// that never settles is reported. Under reclaim that writes back every
+/// fresh block, each round may COW the extent and root trees again (seen:
+/// 3568 rounds, then ENOSPC).
+const COMMIT_ROUNDS_MAX: u32 = 100_000;
 
 /// What the space flusher asks of the filesystem (kernel: the calls in
 /// space-info.c's flush_space). Each step joins the running transaction, if
@@ -698,4 +768,28 @@ pub fn start_transaction_kthread(fs: &Rc<FsInfo>) {
         }
     };
     fs.env.spawn("btrfs-transaction", crate::env::TaskKind::Daemon, Box::pin(kthread));
+}
+
+/// The reservation oracle: a handle never consumes more of its reservation
+/// than it reserved (reservations are the worst case). What it consumes is
+/// the tree blocks its subvolume COWs took plus what it migrated to the
+/// delayed-items reserve. Reported once per handle, naming its last search.
+pub fn check_reservation(handle: &TransHandle) {
+    let reserved = handle.bytes_reserved();
+    let consumed = handle.bytes_used.get() + handle.bytes_migrated.get();
+    if reserved == 0 || consumed <= reserved || handle.overdraw_reported.replace(true) {
+        return;
+    }
+    handle.fs.env.report_violation(Violation {
+        kind: "reservation_overdraw",
+        message: format!(
+            "handle {} ({}, transaction {}) consumed {consumed} bytes of metadata ({} in COWs, {} migrated to delayed items) but reserved {reserved}: {}",
+            handle.id,
+            handle.op,
+            handle.transid,
+            handle.bytes_used.get(),
+            handle.bytes_migrated.get(),
+            handle.search.get()
+        ),
+    });
 }

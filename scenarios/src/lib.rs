@@ -5,6 +5,7 @@
 //! can observe through the same interface, and reports broken invariants as
 //! violations. The runner in `sim` owns the seed, the world and the clock.
 
+pub mod cow_amplification;
 pub mod device_stress;
 pub mod fs_crash;
 pub mod fs_ops;
@@ -61,6 +62,7 @@ pub trait ScenarioRun {
 /// Every scenario, in the order `sim list` shows them.
 pub fn all() -> Vec<Box<dyn Scenario>> {
     vec![
+        Box::new(cow_amplification::CowAmplification),
         Box::new(device_stress::DeviceStress),
         Box::new(fs_crash::FsCrash),
         Box::new(fs_workload::FsWorkload),
@@ -78,4 +80,4 @@ pub fn by_name(name: &str) -> Result<Box<dyn Scenario>, String> {
 }
 
 /// The scenario `sim run` uses when none is named.
-pub const DEFAULT_SCENARIO: &str = "device-stress";
+pub const DEFAULT_SCENARIO: &str = "cow-amplification";

@@ -1,6 +1,7 @@
 //! cowsim's deterministic world: the executor and its schedulers, the NVMe
 //! and memory models, the runner, and everything behind the `sim` command.
 
+pub mod compare;
 pub mod determinism;
 pub mod device;
 pub mod memory;

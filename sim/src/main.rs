@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use engine::fix::FixPolicy;
+use sim::compare;
 use sim::determinism::check_seed;
 use sim::report::{self, SeedRange};
 use sim::runner::{Outcome, RunSpec, run};
@@ -54,6 +55,23 @@ enum Command {
         #[arg(long)]
         scheduler: Option<String>,
     },
+    /// Run the same seeds under each fix and print one table (exit 0 even with violations).
+    Compare {
+        #[arg(long)]
+        scenario: String,
+        /// Seeds as A..B (B excluded) or a single N.
+        #[arg(long)]
+        seeds: String,
+        /// Comma-separated fix names (default: all, in `sim list` order).
+        #[arg(long)]
+        fixes: Option<String>,
+        /// Worker threads; the output is the same for any number.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -96,6 +114,9 @@ fn main() -> ExitCode {
         }
         Some(Command::CheckDeterminism { scenario, seeds, fix, scheduler }) => {
             check_determinism(&scenario, &seeds, &fix, scheduler.as_deref())
+        }
+        Some(Command::Compare { scenario, seeds, fixes, jobs, json }) => {
+            compare_fixes(scenario, &seeds, fixes.as_deref(), jobs, json)
         }
     };
     result.unwrap_or_else(|message| {
@@ -203,5 +224,27 @@ fn check_determinism(
         "deterministic: {} seeds of {scenario_name} ({fix}) each ran twice with identical traces",
         range.len()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn compare_fixes(
+    scenario: String,
+    seeds: &str,
+    fixes: Option<&str>,
+    jobs: usize,
+    json: bool,
+) -> Result<ExitCode, String> {
+    init_tracing(false);
+    compare::capture_panics();
+    let spec =
+        compare::CompareSpec { scenario, seeds: seeds.parse()?, fixes: compare::parse_fixes(fixes)?, jobs };
+    let comparison = compare::compare(&spec)?;
+    if json {
+        println!("{}", serde_json::to_string(&comparison).expect("comparison serializes"));
+    } else {
+        print!("{}", compare::table(&comparison));
+    }
+    eprint!("{}", compare::panics(&comparison));
+    eprint!("{}", compare::wall_clock(&comparison));
     Ok(ExitCode::SUCCESS)
 }

@@ -124,6 +124,22 @@ pub fn summary(result: &RunResult) -> String {
             memory["reclaim"]
         );
     }
+    if let Some(searches) = result.stats.get("searches") {
+        let cows = &searches["cows_per_search"];
+        let handles = &result.stats["handles"];
+        let _ = writeln!(
+            out,
+            "engine  {} searches  COWs/search p50 {} p99 {} max {}  restarts {}  handles {} min headroom {} B overdrawn {}",
+            searches["searches"],
+            cows["p50"],
+            cows["p99"],
+            cows["max"],
+            searches["restarts"],
+            handles["handles"],
+            handles["min_headroom_bytes"],
+            handles["overdrawn_handles"],
+        );
+    }
     if let Some(scenario) = result.stats.get("scenario") {
         let _ = writeln!(out, "stats   {scenario}");
     }

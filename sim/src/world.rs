@@ -39,6 +39,10 @@ pub struct WorldConfig {
     /// Liveness bounds: a run that reaches either is reported, never hangs.
     pub max_sim_time_ns: u64,
     pub max_steps: u64,
+    /// The run stops once this many violations are reported (1: at the
+    /// first). A hang (deadlock, stall, limits, replay mismatch) always stops it.
+    #[serde(default = "one")]
+    pub max_violations: u32,
     pub scheduler: Strategy,
     pub device: DeviceConfig,
     pub memory: MemoryConfig,
@@ -51,11 +55,16 @@ impl Default for WorldConfig {
             stall_timeout_ns: 60_000_000_000,
             max_sim_time_ns: 3_600_000_000_000,
             max_steps: 50_000_000,
+            max_violations: 1,
             scheduler: Strategy::Random,
             device: DeviceConfig::default(),
             memory: MemoryConfig::default(),
         }
     }
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A violation as the run reports it.
@@ -124,6 +133,8 @@ pub struct World {
     shrinkers: RefCell<Vec<Rc<dyn Shrinker>>>,
     trace: RefCell<Trace>,
     violations: RefCell<Vec<ViolationRecord>>,
+    /// A hang was reported: the run ends.
+    halted: Cell<bool>,
     boots: Cell<u32>,
 }
 
@@ -184,6 +195,7 @@ impl World {
             shrinkers: RefCell::new(Vec::new()),
             trace: RefCell::new(Trace::new(keep_trace)),
             violations: RefCell::new(Vec::new()),
+            halted: Cell::new(false),
             boots: Cell::new(0),
             config,
         });
@@ -225,7 +237,7 @@ impl World {
         loop {
             self.fire_due_events();
             self.collect_wakes();
-            if !self.violations.borrow().is_empty() {
+            if self.halted.get() || self.violations.borrow().len() >= self.config.max_violations as usize {
                 return Stop::Violation;
             }
             let now = self.clock.get();
@@ -236,7 +248,7 @@ impl World {
                 return Stop::TimeReached;
             }
             if let Some(violation) = self.check_liveness() {
-                self.report(violation);
+                self.halt(violation);
                 continue;
             }
             let next = self.exec.borrow().runnable.is_empty().then(|| self.next_event_ns());
@@ -248,7 +260,7 @@ impl World {
                 }
                 Some(None) => {
                     let message = format!("no task can run and nothing is pending: {}", self.blocked_tasks());
-                    self.report(Violation { kind: "deadlock", message });
+                    self.halt(Violation { kind: "deadlock", message });
                 }
             }
         }
@@ -343,7 +355,7 @@ impl World {
         let chosen = match self.choose() {
             Ok(task) => task,
             Err(mismatch) => {
-                self.report(Violation { kind: "replay_mismatch", message: mismatch.message });
+                self.halt(Violation { kind: "replay_mismatch", message: mismatch.message });
                 return;
             }
         };
@@ -445,6 +457,12 @@ impl World {
     pub(crate) fn record(&self, task: Option<TaskId>, event: SimEvent) {
         let record = Record { time_ns: self.clock.get(), task, event };
         self.trace.borrow_mut().record(record);
+    }
+
+    /// Report a violation that ends the run whatever `max_violations` says.
+    fn halt(&self, violation: Violation) {
+        self.halted.set(true);
+        self.report(violation);
     }
 
     fn report(&self, violation: Violation) {
