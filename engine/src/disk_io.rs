@@ -42,10 +42,7 @@
 //!   block group item's `used` differs from the extents recorded in it.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
 
 use crate::accessors::{
     NewBlockHeader, header_chunk_tree_uuid, init_tree_block, insert_item_in_leaf, item_data, item_key,
@@ -599,26 +596,6 @@ pub fn validate_super(sb: &SuperBlock) -> Result<(), &'static str> {
 // ---------------------------------------------------------------------------
 // Bios.
 
-/// A wait declared to the environment while it is pending.
-struct Declared<'a, F> {
-    env: &'a dyn Env,
-    what: WaitOn,
-    inner: F,
-}
-
-impl<F: Future + Unpin> Future for Declared<'_, F> {
-    type Output = F::Output;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        match Pin::new(&mut self.inner).poll(cx) {
-            Poll::Ready(v) => Poll::Ready(v),
-            Poll::Pending => {
-                self.env.wait_on(self.what.clone());
-                Poll::Pending
-            }
-        }
-    }
-}
-
 fn submit(env: &dyn Env, bio: Bio) -> Completion<BioStatus> {
     let done = Completion::new();
     let signal = done.clone();
@@ -632,7 +609,7 @@ async fn wait_bio(
     what: &'static str,
     offset_bytes: u64,
 ) -> BioStatus {
-    Declared { env, what: WaitOn::Io { what, offset_bytes }, inner: done }.await
+    crate::wait::declared(env, WaitOn::Io { what, offset_bytes }, done).await
 }
 
 // ---------------------------------------------------------------------------

@@ -47,10 +47,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::{Rc, Weak};
-use std::task::{Context, Poll};
 
 use crate::accessors::{
     clear_header_flag, header_bytenr, header_flag, header_generation, header_level, header_nritems,
@@ -58,13 +55,14 @@ use crate::accessors::{
     set_header_generation, set_header_level, set_header_nritems, set_header_owner, write_header_csum,
 };
 use crate::env::{
-    Bio, BioStatus, CacheCounts, Env, Shrinker, SwitchPoint, SyncMode, TraceEvent, Violation, WaitOn,
+    Bio, BioStatus, CacheCounts, Shrinker, SwitchPoint, SyncMode, TraceEvent, Violation, WaitOn,
 };
 use crate::error::Error;
 use crate::format::{HEADER_FLAG_RELOC, HEADER_FLAG_WRITTEN, Key, leaf_data_size, nodeptrs_per_block};
 use crate::fs::FsInfo;
 use crate::locking::{TreeLock, tree_lock, tree_unlock, try_tree_write_lock};
 use crate::tree_checker::{ParentCheck, TreeCheckError, check_tree_block, validate_extent_buffer};
+use crate::wait::declared;
 use crate::wait::{Completion, WaitQueue};
 
 // ---------------------------------------------------------------------------
@@ -479,29 +477,6 @@ pub fn free_extent_buffer_stale(fs: &FsInfo, eb: &ExtentBuffer) {
 
 // ---------------------------------------------------------------------------
 // Waiting, with the wait declared to the environment at every suspension.
-
-struct DeclaredWait<'a, F> {
-    env: &'a dyn Env,
-    what: WaitOn,
-    inner: F,
-}
-
-impl<F: Future + Unpin> Future for DeclaredWait<'_, F> {
-    type Output = F::Output;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        match Pin::new(&mut self.inner).poll(cx) {
-            Poll::Ready(v) => Poll::Ready(v),
-            Poll::Pending => {
-                self.env.wait_on(self.what.clone());
-                Poll::Pending
-            }
-        }
-    }
-}
-
-fn declared<F: Future + Unpin>(env: &dyn Env, what: WaitOn, inner: F) -> DeclaredWait<'_, F> {
-    DeclaredWait { env, what, inner }
-}
 
 /// `wait_on_extent_buffer_writeback`.
 pub async fn wait_on_extent_buffer_writeback(fs: &FsInfo, eb: &ExtentBuffer) {

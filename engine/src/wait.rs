@@ -120,3 +120,33 @@ impl<T> Future for Completion<T> {
         }
     }
 }
+
+/// A future that tells the environment what it waits on each time it is
+/// pending, so a deadlock or stall report can name it.
+pub struct DeclaredWait<'a, F> {
+    env: &'a dyn crate::env::Env,
+    what: crate::env::WaitOn,
+    inner: F,
+}
+
+impl<F: Future + Unpin> Future for DeclaredWait<'_, F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match Pin::new(&mut self.inner).poll(cx) {
+            Poll::Ready(v) => Poll::Ready(v),
+            Poll::Pending => {
+                self.env.wait_on(self.what.clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// Wait for `inner`, declaring `what` while it is pending.
+pub fn declared<F: Future + Unpin>(
+    env: &dyn crate::env::Env,
+    what: crate::env::WaitOn,
+    inner: F,
+) -> DeclaredWait<'_, F> {
+    DeclaredWait { env, what, inner }
+}

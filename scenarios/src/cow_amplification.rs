@@ -31,7 +31,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{Model, Node, apply, engine_stats, mkfs_and_mount, report_check, tree_stats};
+use crate::fs_ops::{
+    Model, Node, apply, check_after_power_loss, engine_stats, mkfs_and_mount, report_check, tree_stats,
+};
 use crate::streams::stream;
 use crate::workload::Op;
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
@@ -367,19 +369,7 @@ impl ScenarioRun for CowAmplificationRun {
         let recovery_env = env.clone();
         let recovery = async move {
             let env = recovery_env;
-            let report = match engine::check::check(env.clone()).await {
-                Ok(report) => report,
-                Err(error) => {
-                    env.report_violation(Violation {
-                        kind: "mount",
-                        message: format!("mount after power loss failed: {error}"),
-                    });
-                    return;
-                }
-            };
-            if !report_check(&*env, "after power loss", &report) {
-                return;
-            }
+            let Some(report) = check_after_power_loss(&env).await else { return };
             let candidates = std::mem::take(&mut shared.state.borrow_mut().candidates);
             for (task, states) in candidates.iter().enumerate() {
                 let names = names_of(task, &report.namespace);

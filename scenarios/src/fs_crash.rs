@@ -18,7 +18,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{Model, Node, apply, engine_stats, mkfs_and_mount, report_check, tree_stats};
+use crate::fs_ops::{Model, Node, apply, check_after_power_loss, engine_stats, mkfs_and_mount, tree_stats};
 use crate::streams::stream;
 use crate::workload::Op;
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
@@ -202,19 +202,7 @@ impl ScenarioRun for FsCrashRun {
         let recovery_env = env.clone();
         let recovery = async move {
             let env = recovery_env;
-            let report = match engine::check::check(env.clone()).await {
-                Ok(report) => report,
-                Err(error) => {
-                    env.report_violation(Violation {
-                        kind: "mount",
-                        message: format!("mount after power loss failed: {error}"),
-                    });
-                    return;
-                }
-            };
-            if !report_check(&*env, "after power loss", &report) {
-                return;
-            }
+            let Some(report) = check_after_power_loss(&env).await else { return };
             let candidates = std::mem::take(&mut state.borrow_mut().candidates);
             let matched = candidates.iter().position(|model| model.matches(&report.namespace).is_ok());
             if matched.is_none() {

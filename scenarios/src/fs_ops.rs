@@ -329,3 +329,19 @@ pub fn engine_stats(fs: &FsInfo) -> serde_json::Value {
         },
     })
 }
+
+/// Mount the image after a power loss and check it: reports a failed mount
+/// or every check error as violations, and returns the report only when the
+/// image is clean.
+pub async fn check_after_power_loss(env: &Rc<dyn Env>) -> Option<CheckReport> {
+    match engine::check::check(env.clone()).await {
+        Ok(report) => report_check(&**env, "after power loss", &report).then_some(report),
+        Err(error) => {
+            env.report_violation(Violation {
+                kind: "mount",
+                message: format!("mount after power loss failed: {error}"),
+            });
+            None
+        }
+    }
+}

@@ -82,7 +82,11 @@ fn cow_amplification_seed_119_reproduces_the_enospc_abort() {
     let first = run(&RunSpec::new("cow-amplification", 119, FixPolicy::None), &*scenario).unwrap();
     let kinds: Vec<&str> = first.violations.iter().map(|v| v.kind.as_str()).collect();
     assert_eq!(kinds, ["migrate_enospc", "enospc_abort"], "{:?}", first.violations);
-    assert!(first.violations[0].message.contains("trans_block_rsv: size 1310720"), "{}", first.violations[0].message);
+    assert!(
+        first.violations[0].message.contains("trans_block_rsv: size 1310720"),
+        "{}",
+        first.violations[0].message
+    );
     assert!(first.violations[1].message.contains("bytes unallocated"));
     let cows = first.stats["searches"]["cows_per_search"]["max"].as_u64().unwrap();
     assert!(cows > 20, "one search COWed only {cows} times: the tree is 2-3 levels deep");
