@@ -32,7 +32,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::fs_ops::{
-    Model, Node, apply, check_after_power_loss, engine_stats, mkfs_and_mount, report_check, tree_stats,
+    Model, Node, apply, check_after_power_loss, engine_stats, mkfs_and_mount_or_report, report_check,
+    tree_stats,
 };
 use crate::streams::stream;
 use crate::workload::Op;
@@ -181,12 +182,8 @@ fn random_op(rng: &mut ChaCha8Rng, model: &Model, task: u32, params: &Params) ->
 /// The committer: make the filesystem and its directories, start the
 /// workers, then commit and check at quiet points until they are done.
 async fn setup_and_run(env: Rc<dyn Env>, fix: FixPolicy, seed: u64, params: Params, shared: Rc<Shared>) {
-    let fs = match mkfs_and_mount(&env, params.device_bytes, params.nodesize, fix).await {
-        Ok(fs) => fs,
-        Err(error) => {
-            env.report_violation(Violation { kind: "mount", message: format!("mkfs/mount failed: {error}") });
-            return;
-        }
+    let Some(fs) = mkfs_and_mount_or_report(&env, params.device_bytes, params.nodesize, fix).await else {
+        return;
     };
     for d in 0..params.dirs {
         if let Err(error) = apply(&fs, &Op::Mkdir(dir_name(d))).await {

@@ -18,7 +18,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{Model, Node, apply, check_after_power_loss, engine_stats, mkfs_and_mount, tree_stats};
+use crate::fs_ops::{
+    Model, Node, apply, check_after_power_loss, engine_stats, mkfs_and_mount_or_report, tree_stats,
+};
 use crate::streams::stream;
 use crate::workload::Op;
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
@@ -148,12 +150,8 @@ fn random_op(rng: &mut ChaCha8Rng, model: &Model, params: &Params) -> Op {
 }
 
 async fn work(env: Rc<dyn Env>, fix: FixPolicy, params: Params, rng: ChaCha8Rng, state: Rc<RefCell<State>>) {
-    let fs = match mkfs_and_mount(&env, params.device_bytes, params.nodesize, fix).await {
-        Ok(fs) => fs,
-        Err(error) => {
-            env.report_violation(Violation { kind: "mount", message: format!("mkfs/mount failed: {error}") });
-            return;
-        }
+    let Some(fs) = mkfs_and_mount_or_report(&env, params.device_bytes, params.nodesize, fix).await else {
+        return;
     };
     let mut model = Model::default();
     state.borrow_mut().candidates = vec![model.clone()];

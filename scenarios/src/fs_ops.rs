@@ -24,6 +24,22 @@ pub async fn mkfs_and_mount(
     engine::disk_io::open_ctree(env.clone(), fix).await
 }
 
+/// mkfs then mount, or report why not (a `mount` violation) and give up.
+pub async fn mkfs_and_mount_or_report(
+    env: &Rc<dyn Env>,
+    device_bytes: u64,
+    nodesize: u32,
+    fix: FixPolicy,
+) -> Option<Rc<FsInfo>> {
+    match mkfs_and_mount(env, device_bytes, nodesize, fix).await {
+        Ok(fs) => Some(fs),
+        Err(error) => {
+            env.report_violation(Violation { kind: "mount", message: format!("mkfs/mount failed: {error}") });
+            None
+        }
+    }
+}
+
 /// Apply one operation by path. Returns the errno the operation gave (0 on success).
 pub async fn apply(fs: &Rc<FsInfo>, op: &Op) -> Result<(), Error> {
     use engine::inode;

@@ -13,7 +13,7 @@ use engine::env::{Env, TaskKind, Violation};
 use engine::fix::FixPolicy;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{Model, apply, engine_stats, mkfs_and_mount, report_check, tree_stats};
+use crate::fs_ops::{Model, apply, engine_stats, mkfs_and_mount_or_report, report_check, tree_stats};
 use crate::workload::{Op, parse};
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
 
@@ -82,12 +82,8 @@ struct State {
 }
 
 async fn run(env: Rc<dyn Env>, fix: FixPolicy, params: Params, ops: Vec<Op>, state: Rc<RefCell<State>>) {
-    let fs = match mkfs_and_mount(&env, params.device_bytes, params.nodesize, fix).await {
-        Ok(fs) => fs,
-        Err(error) => {
-            env.report_violation(Violation { kind: "mount", message: format!("mkfs/mount failed: {error}") });
-            return;
-        }
+    let Some(fs) = mkfs_and_mount_or_report(&env, params.device_bytes, params.nodesize, fix).await else {
+        return;
     };
     state.borrow_mut().fs = Some(fs.clone());
     let mut model = Model::default();
