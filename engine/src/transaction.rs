@@ -282,9 +282,16 @@ pub async fn join_transaction(fs: &Rc<FsInfo>, op: Operation) -> Result<TransHan
                 return Ok(new_handle(fs, transaction, op));
             }
             Some(transaction) if transaction.state() < TransState::Unblocked => {
+                // An abort mid-commit never unblocks: waiters see the error
+                // instead (the kernel's wait_current_trans checks for it too).
                 fs.env.wait_on(WaitOn::Transaction { what: "commit to unblock" });
-                let waiting = transaction.clone();
-                transaction.wait.wait_until(move || waiting.state() >= TransState::Unblocked).await;
+                let (waiting, fs_waiting) = (transaction.clone(), fs.clone());
+                transaction
+                    .wait
+                    .wait_until(move || {
+                        waiting.state() >= TransState::Unblocked || fs_waiting.trans.fs_error.get().is_some()
+                    })
+                    .await;
             }
             _ => {
                 let transid = fs.trans.generation.get() + 1;
@@ -528,8 +535,11 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     // The committer's own inhibitions end before it waits and writes.
     handle.release_inhibited();
     fs.env.wait_on(WaitOn::Transaction { what: "writers to end" });
-    let waiting = transaction.clone();
-    transaction.wait.wait_until(move || waiting.num_writers.get() == 1).await;
+    let (waiting, fs_waiting) = (transaction.clone(), fs.clone());
+    transaction
+        .wait
+        .wait_until(move || waiting.num_writers.get() == 1 || fs_waiting.trans.fs_error.get().is_some())
+        .await;
     check_fs_error(fs)?;
     transaction.set_state(fs, TransState::CommitDoing);
     run_delayed_items(handle).await?;

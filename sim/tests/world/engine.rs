@@ -105,3 +105,15 @@ fn cow_amplification_is_deterministic_under_every_fix() {
         }
     }
 }
+
+/// Found by the fix comparison: after an abort in the middle of a commit,
+/// tasks joining the transaction waited for it to unblock, which never
+/// happens, some while holding inode locks (a `stall` 60 s later). They must
+/// see the abort and fail with EROFS instead.
+#[test]
+fn an_abort_mid_commit_does_not_leave_joiners_waiting() {
+    let scenario = scenarios::by_name("cow-amplification").unwrap();
+    let result = run(&RunSpec::new("cow-amplification", 12, FixPolicy::None), &*scenario).unwrap();
+    let kinds: Vec<&str> = result.violations.iter().map(|v| v.kind.as_str()).collect();
+    assert_eq!(kinds, ["enospc_abort"], "{:?}", result.violations);
+}
