@@ -25,7 +25,7 @@ use crate::accessors::{
 use crate::disk_io::open_ctree_for_check;
 use crate::env::Env;
 use crate::error::Error;
-use crate::extent_io::read_tree_block;
+use crate::extent_io::read_tree_block_verified;
 use crate::format::{
     BLOCK_GROUP_ITEM_KEY, BlockGroupItem, DIR_INDEX_KEY, DIR_ITEM_KEY, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
     ExtentItem, FIRST_FREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY, InlineRef, InodeItem,
@@ -123,7 +123,7 @@ async fn walk_tree(
             errors.push(format!("tree block {bytenr} is reachable twice (trees {other} and {tree})"));
             continue;
         }
-        let eb = match read_tree_block(fs, bytenr, tree, level, generation, first_key).await {
+        let eb = match read_tree_block_verified(fs, bytenr, tree, level, generation, first_key).await {
             Ok(eb) => eb,
             Err(error) => {
                 errors.push(format!("tree {tree}: {error}"));

@@ -64,7 +64,8 @@ use crate::env::{RestartReason, SwitchPoint, TraceEvent};
 use crate::error::Error;
 use crate::extent_io::{
     ExtentBuffer, alloc_dummy_extent_buffer, alloc_extent_buffer, buffer_uptodate, clear_extent_buffer_dirty,
-    find_extent_buffer, free_extent_buffer_stale, read_tree_block,
+    find_extent_buffer, free_extent_buffer_stale, read_tree_block, read_tree_block_verified,
+    verify_parent_pointer,
 };
 use crate::extent_tree::{alloc_tree_block, free_tree_block};
 use crate::format::{
@@ -321,22 +322,6 @@ fn search_for_key_slot(eb: &ExtentBuffer, low: usize, key: &Key, prev_exact: boo
         return (true, 0);
     }
     bin_search(eb, low, key)
-}
-
-/// `btrfs_verify_level_key` for a cached block reached through a parent pointer.
-fn verify_level_key(eb: &ExtentBuffer, level: u8, first_key: &Key, transid: u64) -> Result<(), Error> {
-    let found = eb.level();
-    if found != level {
-        let e = TreeCheckError::LevelMismatch { bytenr: eb.start, wanted: level, found };
-        return Err(Error::BadTreeBlock(e.to_string()));
-    }
-    if let Some(found) = eb.first_key()
-        && found != *first_key
-    {
-        let e = TreeCheckError::FirstKeyMismatch { bytenr: eb.start, transid, expected: *first_key, found };
-        return Err(Error::BadTreeBlock(e.to_string()));
-    }
-    Ok(())
 }
 
 /// `check_sibling_keys`: the last key of `left` must sort before the first
@@ -607,7 +592,7 @@ pub async fn read_node_slot(
             accessors::header_owner(&data),
         )
     };
-    read_tree_block(fs, bytenr, owner, level - 1, generation, Some(key)).await
+    read_tree_block_verified(fs, bytenr, owner, level - 1, generation, Some(key)).await
 }
 
 /// `read_block_for_search`: the child at `slot` of `parent` (the path's
@@ -634,7 +619,7 @@ async fn read_block_for_search(
     if let Some(tmp) = find_extent_buffer(fs, blocknr)
         && buffer_uptodate(&tmp, generation)
     {
-        if let Err(e) = verify_level_key(&tmp, level, &first_key, generation) {
+        if let Err(e) = verify_parent_pointer(&tmp, level, generation, Some(&first_key)) {
             p.release();
             return Err(e);
         }
@@ -2354,7 +2339,7 @@ pub async fn walk_tree<F: FnMut(&ExtentBuffer)>(root: &Rc<Root>, mut visit: F) -
     push_children(&top, &mut pending);
     tree_read_unlock(&top);
     while let Some((bytenr, level, generation, key, owner)) = pending.pop() {
-        let eb = read_tree_block(&fs, bytenr, owner, level, generation, Some(key)).await?;
+        let eb = read_tree_block_verified(&fs, bytenr, owner, level, generation, Some(key)).await?;
         tree_read_lock(&fs, &eb).await;
         visit(&eb);
         push_children(&eb, &mut pending);

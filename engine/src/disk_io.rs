@@ -52,7 +52,7 @@ use crate::block_group::{BlockGroup, BlockGroupCache};
 use crate::ctree::Root;
 use crate::env::{Bio, BioStatus, Env, TraceEvent, Violation, WaitOn};
 use crate::error::Error;
-use crate::extent_io::read_tree_block;
+use crate::extent_io::read_tree_block_verified;
 use crate::fix::FixPolicy;
 use crate::format::{
     BLOCK_GROUP_DATA, BLOCK_GROUP_ITEM_KEY, BLOCK_GROUP_METADATA, BLOCK_GROUP_PROFILE_MASK,
@@ -835,7 +835,7 @@ pub async fn for_each_leaf_item<F>(
 where
     F: FnMut(&Key, &[u8]) -> Result<(), Error>,
 {
-    let root = read_tree_block(fs, bytenr, owner, level, generation, None).await?;
+    let root = read_tree_block_verified(fs, bytenr, owner, level, generation, None).await?;
     let mut stack = vec![(root, 0usize)];
     while let Some((eb, slot)) = stack.last_mut() {
         let eb = eb.clone();
@@ -858,7 +858,7 @@ where
             let data = eb.data.borrow();
             (node_blockptr(&data, i), node_ptr_generation(&data, i), node_key(&data, i))
         };
-        let child = read_tree_block(fs, child, owner, eb.level() - 1, child_gen, Some(key)).await?;
+        let child = read_tree_block_verified(fs, child, owner, eb.level() - 1, child_gen, Some(key)).await?;
         stack.push((child, 0));
     }
     Ok(())
@@ -874,7 +874,7 @@ pub async fn find_last_key_at_most(
     generation: u64,
     target: Key,
 ) -> Result<Option<Key>, Error> {
-    let mut eb = read_tree_block(fs, bytenr, owner, level, generation, None).await?;
+    let mut eb = read_tree_block_verified(fs, bytenr, owner, level, generation, None).await?;
     loop {
         let nritems = eb.nritems() as usize;
         let found = {
@@ -888,7 +888,7 @@ pub async fn find_last_key_at_most(
             }
         };
         let (child, child_gen, key) = found;
-        eb = read_tree_block(fs, child, owner, eb.level() - 1, child_gen, Some(key)).await?;
+        eb = read_tree_block_verified(fs, child, owner, eb.level() - 1, child_gen, Some(key)).await?;
     }
 }
 
@@ -946,7 +946,8 @@ async fn mount_trees(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, Err
 
     let chunk_root = read_chunk_tree(&fs, &sb).await?;
     let root_tree =
-        read_tree_block(&fs, sb.root, ROOT_TREE_OBJECTID, sb.root_level, sb.generation, None).await?;
+        read_tree_block_verified(&fs, sb.root, ROOT_TREE_OBJECTID, sb.root_level, sb.generation, None)
+            .await?;
     let mut roots: BTreeMap<u64, Rc<Root>> = BTreeMap::new();
     roots.insert(
         ROOT_TREE_OBJECTID,
@@ -993,7 +994,7 @@ fn super_root_item(node: &crate::extent_io::ExtentBuffer) -> RootItem {
 /// `fs.volumes`. Returns the chunk root block.
 async fn read_chunk_tree(fs: &FsInfo, sb: &SuperBlock) -> Result<Rc<crate::extent_io::ExtentBuffer>, Error> {
     let env = &*fs.env;
-    let chunk_root = read_tree_block(
+    let chunk_root = read_tree_block_verified(
         fs,
         sb.chunk_root,
         CHUNK_TREE_OBJECTID,
@@ -1073,7 +1074,8 @@ async fn read_roots(fs: &FsInfo, sb: &SuperBlock, roots: &mut BTreeMap<u64, Rc<R
         if skip {
             continue;
         }
-        let node = read_tree_block(fs, item.bytenr, objectid, item.level, item.generation, None).await?;
+        let node =
+            read_tree_block_verified(fs, item.bytenr, objectid, item.level, item.generation, None).await?;
         let root = Root::new(fs, objectid, node, item);
         if is_fstree(objectid) {
             let target = Key::new(LAST_FREE_OBJECTID, u8::MAX, u64::MAX);

@@ -493,9 +493,12 @@ pub async fn wait_on_extent_buffer_writeback(fs: &FsInfo, eb: &ExtentBuffer) {
 /// `first_key` the key in the parent pointer. Verification, as in
 /// `btrfs_validate_extent_buffer`: bytenr, fsid, checksum, level,
 /// generation ("parent transid verify failed"), first key, tree checker,
-/// owner. A cached block is checked for generation, level and first key
-/// (`btrfs_buffer_uptodate`, `btrfs_verify_level_key`). A failed read
-/// leaves nothing cached.
+/// owner. Verification belongs to the read that fills the block: a block
+/// found cached and up to date, or filled by another task's read while this
+/// one waited, is returned as it is, as `btrfs_read_extent_buffer` does. It
+/// may have been modified since, so only a caller holding the parent's lock
+/// can compare it with the parent pointer (`read_block_for_search` does,
+/// with `btrfs_verify_level_key`). A failed read leaves nothing cached.
 pub async fn read_tree_block(
     fs: &FsInfo,
     bytenr: u64,
@@ -518,7 +521,6 @@ pub async fn read_tree_block(
     if let Some(eb) = find_extent_buffer(fs, bytenr)
         && eb.uptodate()
     {
-        verify_cached(&eb, &check)?;
         return Ok(eb);
     }
     fs.env.switch_point(SwitchPoint::BlockRead).await;
@@ -533,40 +535,61 @@ pub async fn read_tree_block(
     }
 }
 
-/// Generation, level and first key of an up-to-date eb against what the
-/// parent promised.
-fn verify_cached(eb: &ExtentBuffer, check: &ParentCheck) -> Result<(), Error> {
+/// `btrfs_buffer_uptodate` + `btrfs_verify_level_key`: `eb` is of the
+/// generation (`transid`, 0: any), level and first key its parent pointer
+/// promises. Sound only while the parent is locked or the tree is quiescent:
+/// a block can change in place under an unlocked parent.
+pub fn verify_parent_pointer(
+    eb: &ExtentBuffer,
+    level: u8,
+    transid: u64,
+    first_key: Option<&Key>,
+) -> Result<(), Error> {
     let generation = eb.generation();
-    if let Some(wanted) = check.transid
-        && generation != wanted
-    {
-        return Err(Error::TransidMismatch { bytenr: eb.start, wanted, found: generation });
+    if transid != 0 && generation != transid {
+        return Err(Error::TransidMismatch { bytenr: eb.start, wanted: transid, found: generation });
     }
     let found = eb.level();
-    if found != check.level {
-        let e = TreeCheckError::LevelMismatch { bytenr: eb.start, wanted: check.level, found };
+    if found != level {
+        let e = TreeCheckError::LevelMismatch { bytenr: eb.start, wanted: level, found };
         return Err(Error::BadTreeBlock(e.to_string()));
     }
-    if let (Some(expected), Some(found)) = (check.first_key, eb.first_key())
+    if let (Some(&expected), Some(found)) = (first_key, eb.first_key())
         && expected != found
     {
-        let transid = check.transid.unwrap_or(0);
         let e = TreeCheckError::FirstKeyMismatch { bytenr: eb.start, transid, expected, found };
         return Err(Error::BadTreeBlock(e.to_string()));
     }
     Ok(())
 }
 
+/// [`read_tree_block`] for a caller that holds the parent's lock or reads a
+/// quiescent tree: a cached block is checked against the parent pointer too.
+pub async fn read_tree_block_verified(
+    fs: &FsInfo,
+    bytenr: u64,
+    owner_root: u64,
+    level: u8,
+    parent_transid: u64,
+    first_key: Option<Key>,
+) -> Result<Rc<ExtentBuffer>, Error> {
+    let eb = read_tree_block(fs, bytenr, owner_root, level, parent_transid, first_key).await?;
+    verify_parent_pointer(&eb, level, parent_transid, first_key.as_ref())?;
+    Ok(eb)
+}
+
 /// `read_extent_buffer_pages`: make `eb` up to date, reading it once even
 /// with several readers (the READING bit; the others wait for it and get
-/// EIO if it failed).
+/// EIO if it failed). Only the reader that submits the bio validates the
+/// image against its `check` (`end_bbio_meta_read`): by the time a waiter
+/// runs, the block may already have been modified in place.
 async fn read_extent_buffer_pages(
     fs: &FsInfo,
     eb: &Rc<ExtentBuffer>,
     check: &ParentCheck,
 ) -> Result<(), Error> {
     if eb.uptodate() {
-        return verify_cached(eb, check);
+        return Ok(());
     }
     let offset_bytes = map_block(fs, eb.start);
     if eb.test_bit(EXTENT_BUFFER_READING) {
@@ -575,7 +598,7 @@ async fn read_extent_buffer_pages(
         if !eb.uptodate() {
             return Err(Error::Io { bytenr: eb.start });
         }
-        return verify_cached(eb, check);
+        return Ok(());
     }
     eb.set_bit(EXTENT_BUFFER_READING);
     let done: Completion<BioStatus> = Completion::new();
@@ -984,18 +1007,24 @@ mod tests {
         let again = read(&env, &fs, 1 << 20, 0, GEN, None).unwrap();
         assert_eq!(env.count_bios("read"), 1);
         assert_eq!(env.memory_bytes(), u64::from(NODESIZE));
-        // Cached blocks are checked against the parent pointer too.
+        // A cached block is returned as it is, whatever the caller expects:
+        // it may have been modified in place since it was read, so only a
+        // caller holding the parent's lock can judge it, with
+        // verify_parent_pointer.
         drop(again);
-        assert!(matches!(
-            read(&env, &fs, 1 << 20, 0, GEN + 1, None),
+        let cached = read(&env, &fs, 1 << 20, 1, GEN + 1, Some(orphan_key(1))).unwrap();
+        assert_eq!((cached.generation(), cached.level()), (GEN, 0));
+        assert_eq!(
+            verify_parent_pointer(&cached, 0, GEN + 1, None),
             Err(Error::TransidMismatch { bytenr: 1048576, wanted: 8, found: 7 })
-        ));
-        assert!(
-            matches!(read(&env, &fs, 1 << 20, 1, GEN, None), Err(Error::BadTreeBlock(m)) if m.contains("level verify failed"))
         );
         assert!(
-            matches!(read(&env, &fs, 1 << 20, 0, GEN, Some(orphan_key(1))), Err(Error::BadTreeBlock(m)) if m.contains("first key mismatch"))
+            matches!(verify_parent_pointer(&cached, 1, GEN, None), Err(Error::BadTreeBlock(m)) if m.contains("level verify failed"))
         );
+        assert!(
+            matches!(verify_parent_pointer(&cached, 0, GEN, Some(&orphan_key(1))), Err(Error::BadTreeBlock(m)) if m.contains("first key mismatch"))
+        );
+        assert_eq!(verify_parent_pointer(&cached, 0, GEN, Some(&orphan_key(257))), Ok(()));
         assert_eq!(env.count_bios("read"), 1);
     }
 
@@ -1067,6 +1096,40 @@ mod tests {
         // The loser of the allocation race gave its charge back.
         assert_eq!(env.memory_bytes(), u64::from(NODESIZE));
         assert_eq!(fs.stats.eb_allocs.get(), 1);
+    }
+
+    /// The waiter does not judge the block by its own (now stale) view of the
+    /// parent pointer: the reader that submitted the bio validated it, and
+    /// may have modified it in place before the waiter runs (possible under
+    /// `overwrite-written`). Checking again here reported a false "first key
+    /// mismatch" and aborted the transaction.
+    #[test]
+    fn waiter_accepts_a_block_modified_in_place_after_the_read() {
+        let (env, fs) = setup(FixPolicy::OverwriteWritten);
+        env.write_device(1 << 20, &leaf_image(1 << 20, GEN));
+        let a = {
+            let fs = fs.clone();
+            env.spawn_with_result("a", async move {
+                let eb = read_tree_block(&fs, 1 << 20, 5, 0, GEN, Some(orphan_key(257))).await?;
+                set_item_key(&mut eb.data.borrow_mut(), 0, &orphan_key(1));
+                Ok::<_, Error>(eb)
+            })
+        };
+        let b = {
+            let fs = fs.clone();
+            env.spawn_with_result("b", async move {
+                read_tree_block(&fs, 1 << 20, 5, 0, GEN, Some(orphan_key(257))).await
+            })
+        };
+        env.hold_bios.set(true);
+        env.run_until_idle();
+        assert_eq!(env.waits_of("b"), Some(WaitOn::Io { what: "eb_read", offset_bytes: 1 << 20 }));
+        env.hold_bios.set(false);
+        env.run_until_idle();
+        let a = a.borrow_mut().take().unwrap().unwrap();
+        let b = b.borrow_mut().take().unwrap().unwrap();
+        assert!(Rc::ptr_eq(&a, &b));
+        assert_eq!(b.first_key(), Some(orphan_key(1)));
     }
 
     #[test]
