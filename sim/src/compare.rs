@@ -24,18 +24,23 @@ use crate::runner::{RunResult, RunSpec, replay_command, run};
 pub enum ViolationClass {
     /// Space reservation ran short: the symptom of the COW amplification bug.
     Reservation,
-    /// Anything else: corruption, lost data, a hang, a crash.
+    /// The run stopped getting anywhere: deadlock, stall, livelock
+    /// (`no_progress`) or a step or time bound.
+    Liveness,
+    /// Anything else: corruption, lost data, an abort, a crash.
     Safety,
 }
 
 /// Classify a violation kind (`RunResult.violations[].kind`). Reservation:
 /// `reservation_overdraw`, `trans_rsv_overdrawn`, `migrate_enospc`,
-/// `enospc_abort`; everything else is a safety violation.
+/// `enospc_abort`; liveness: `deadlock`, `stall`, `no_progress`,
+/// `step_limit`, `time_limit`; everything else is a safety violation.
 pub fn classify(kind: &str) -> ViolationClass {
     match kind {
         "reservation_overdraw" | "trans_rsv_overdrawn" | "migrate_enospc" | "enospc_abort" => {
             ViolationClass::Reservation
         }
+        "deadlock" | "stall" | "no_progress" | "step_limit" | "time_limit" => ViolationClass::Liveness,
         _ => ViolationClass::Safety,
     }
 }
@@ -113,6 +118,9 @@ pub struct FixRow {
     pub seeds_run: u64,
     pub reservation_violation_seeds: u64,
     pub safety_violation_seeds: u64,
+    pub liveness_violation_seeds: u64,
+    /// For every violation kind, the seeds that reported it.
+    pub violation_kind_seeds: BTreeMap<String, u64>,
     /// The largest COW count of a single search over every run of this fix.
     pub max_cows_per_search: u64,
     /// The 99th percentile (nearest rank) over runs of each run's own p99.
@@ -126,8 +134,8 @@ pub struct FixRow {
     /// Whether any run reported `stats.searches` (scenarios without the engine do not).
     #[serde(skip)]
     pub has_search_stats: bool,
-    /// Wall-clock milliseconds of each failing run (a run stops at its first
-    /// violation), in seed order. Never part of the JSON.
+    /// Wall-clock milliseconds from the start of each failing run to its
+    /// first violation, in seed order. Never part of the JSON.
     #[serde(skip)]
     pub failing_wall_ms: Vec<u64>,
     /// Runs that panicked (counted as safety violations): seed, where and why.
@@ -149,9 +157,12 @@ pub struct Comparison {
 struct RunSummary {
     reservation: bool,
     safety: bool,
+    liveness: bool,
+    kinds: Vec<String>,
     /// `stats.searches.cows_per_search` (max, p99), if the run has it.
     cows: Option<(u64, u64)>,
     ops_completed: u64,
+    /// Wall-clock time to the first violation (the whole run if none).
     wall_ms: u64,
     replay_command: String,
     /// The run panicked: where and why.
@@ -165,19 +176,24 @@ impl RunSummary {
             let field = |name: &str| c.get(name).and_then(serde_json::Value::as_u64).unwrap_or(0);
             (field("max"), field("p99"))
         });
+        let mut kinds: Vec<String> = result.violations.iter().map(|v| v.kind.clone()).collect();
+        kinds.sort();
+        kinds.dedup();
         Self {
             reservation: classes.contains(&ViolationClass::Reservation),
             safety: classes.contains(&ViolationClass::Safety),
+            liveness: classes.contains(&ViolationClass::Liveness),
+            kinds,
             cows,
             ops_completed: result.ops_completed,
-            wall_ms: result.wall_ms,
+            wall_ms: result.first_violation_wall_ms.unwrap_or(result.wall_ms),
             replay_command: result.replay_command.clone(),
             panic: None,
         }
     }
 
     fn failed(&self) -> bool {
-        self.reservation || self.safety
+        self.reservation || self.safety || self.liveness
     }
 }
 
@@ -193,6 +209,8 @@ fn run_one(scenario: &dyn scenarios::Scenario, spec: &RunSpec) -> Result<RunSumm
         Err(payload) => Ok(RunSummary {
             reservation: classify(PANIC_KIND) == ViolationClass::Reservation,
             safety: classify(PANIC_KIND) == ViolationClass::Safety,
+            liveness: classify(PANIC_KIND) == ViolationClass::Liveness,
+            kinds: vec![PANIC_KIND.to_string()],
             cows: None,
             ops_completed: 0,
             wall_ms: started.elapsed().as_millis() as u64,
@@ -310,6 +328,14 @@ fn row(fix: FixPolicy, runs: &[(u64, RunSummary)]) -> FixRow {
         seeds_run: runs.len() as u64,
         reservation_violation_seeds: runs.iter().filter(|(_, run)| run.reservation).count() as u64,
         safety_violation_seeds: runs.iter().filter(|(_, run)| run.safety).count() as u64,
+        liveness_violation_seeds: runs.iter().filter(|(_, run)| run.liveness).count() as u64,
+        violation_kind_seeds: runs.iter().flat_map(|(_, run)| &run.kinds).fold(
+            BTreeMap::new(),
+            |mut m, kind| {
+                *m.entry(kind.clone()).or_insert(0) += 1;
+                m
+            },
+        ),
         max_cows_per_search: cows.iter().map(|&(max, _)| max).max().unwrap_or(0),
         p99_cows_per_search: nearest_rank(&p99s, 0.99),
         ops_completed: runs.iter().fold(0u64, |sum, (_, run)| sum.saturating_add(run.ops_completed)),
@@ -341,6 +367,7 @@ pub fn table(comparison: &Comparison) -> String {
         "seeds",
         "rsv-viol",
         "safety-viol",
+        "liveness-viol",
         "max cows/search",
         "p99 cows/search",
         "ops",
@@ -355,6 +382,7 @@ pub fn table(comparison: &Comparison) -> String {
             row.seeds_run.to_string(),
             row.reservation_violation_seeds.to_string(),
             row.safety_violation_seeds.to_string(),
+            row.liveness_violation_seeds.to_string(),
             cows(row.max_cows_per_search),
             cows(row.p99_cows_per_search),
             row.ops_completed.to_string(),
@@ -377,6 +405,14 @@ pub fn table(comparison: &Comparison) -> String {
             }
         }
         let _ = writeln!(out, "{}", text.trim_end());
+    }
+    let _ = writeln!(out, "seeds per violation kind:");
+    let width = comparison.fixes.iter().map(|row| row.fix.len()).max().unwrap_or(0);
+    for row in &comparison.fixes {
+        let kinds: Vec<String> =
+            row.violation_kind_seeds.iter().map(|(kind, seeds)| format!("{kind} {seeds}")).collect();
+        let kinds = if kinds.is_empty() { "-".to_string() } else { kinds.join(", ") };
+        let _ = writeln!(out, "  {:<width$}  {kinds}", row.fix);
     }
     out
 }
@@ -441,6 +477,9 @@ mod tests {
         assert_eq!(classify("migrate_enospc"), ViolationClass::Reservation);
         assert_eq!(classify("tree_checker"), ViolationClass::Safety);
         assert_eq!(classify(PANIC_KIND), ViolationClass::Safety);
+        assert_eq!(classify("transaction_abort"), ViolationClass::Safety);
+        assert_eq!(classify("no_progress"), ViolationClass::Liveness);
+        assert_eq!(classify("time_limit"), ViolationClass::Liveness);
         assert_eq!(nearest_rank(&[], 0.99), 0);
         assert_eq!(nearest_rank(&[5], 0.99), 5);
         let hundred: Vec<u64> = (1..=100).rev().collect();
@@ -451,9 +490,16 @@ mod tests {
     }
 
     fn summary(reservation: bool, safety: bool, cows: Option<(u64, u64)>, ops: u64) -> RunSummary {
+        let kinds = [(reservation, "enospc_abort"), (safety, "namespace")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, kind)| kind.to_string())
+            .collect();
         RunSummary {
             reservation,
             safety,
+            liveness: false,
+            kinds,
             cows,
             ops_completed: ops,
             wall_ms: ops,
@@ -469,19 +515,32 @@ mod tests {
             (11, summary(true, true, Some((7, 2)), 6)),
             (12, summary(false, true, None, 7)),
             (13, summary(true, false, Some((1, 1)), 8)),
+            (
+                14,
+                RunSummary {
+                    liveness: true,
+                    kinds: vec!["no_progress".into()],
+                    ..summary(false, false, None, 9)
+                },
+            ),
         ];
         let row = row(FixPolicy::Both, &runs);
-        assert_eq!((row.seeds_run, row.reservation_violation_seeds, row.safety_violation_seeds), (4, 2, 2));
-        assert_eq!((row.max_cows_per_search, row.p99_cows_per_search, row.ops_completed), (7, 2, 26));
+        assert_eq!((row.seeds_run, row.reservation_violation_seeds, row.safety_violation_seeds), (5, 2, 2));
+        assert_eq!(row.liveness_violation_seeds, 1);
+        let kinds: Vec<(&str, u64)> =
+            row.violation_kind_seeds.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+        assert_eq!(kinds, [("enospc_abort", 2), ("namespace", 2), ("no_progress", 1)]);
+        assert_eq!((row.max_cows_per_search, row.p99_cows_per_search, row.ops_completed), (7, 2, 35));
         assert_eq!(row.first_failing_seed, Some(11));
         assert_eq!(row.first_failing_replay.as_deref(), Some("replay 6"));
-        assert_eq!(row.failing_wall_ms, [6, 7, 8]);
+        assert_eq!(row.failing_wall_ms, [6, 7, 8, 9]);
         let none = super::row(FixPolicy::None, &[(0, summary(false, false, None, 1))]);
         assert!(!none.has_search_stats && none.first_failing_seed.is_none());
-        let comparison = Comparison { scenario: "s".into(), seeds: [10, 14], fixes: vec![row, none] };
+        let comparison = Comparison { scenario: "s".into(), seeds: [10, 15], fixes: vec![row, none] };
         let text = table(&comparison);
         assert!(text.contains("replay 6") && text.lines().nth(4).unwrap().contains(" - "), "{text}");
-        assert!(wall_clock(&comparison).contains("7.0 ms wall-clock over 3 failing seeds"));
+        assert!(text.contains("both  enospc_abort 2, namespace 2, no_progress 1"), "{text}");
+        assert!(wall_clock(&comparison).contains("7.5 ms wall-clock over 4 failing seeds"));
     }
 
     #[test]

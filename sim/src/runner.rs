@@ -63,6 +63,9 @@ pub struct RunResult {
     pub sim_time_ns: u64,
     /// Wall-clock time of the run; never part of a trace or a snapshot.
     pub wall_ms: u64,
+    /// Wall-clock time from the start until the first violation was
+    /// reported (to within a millisecond of simulated time); wall-clock too.
+    pub first_violation_wall_ms: Option<u64>,
     pub power_loss: bool,
     pub stats: serde_json::Value,
     pub config: RunConfig,
@@ -122,7 +125,12 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
     let world = World::new(spec.seed, world_config.clone(), spec.decision_log.clone(), spec.keep_trace);
     let context = StartContext { seed: spec.seed, fix: spec.fix, env: world.env(), params: params.clone() };
     let mut scenario_run = scenario.start(context)?;
-    let mut stop = run_until_power_loss(&world, &*scenario_run);
+    let mut first_violation_wall_ms = None;
+    let mut stop = run_until_power_loss(&world, &*scenario_run, || {
+        if first_violation_wall_ms.is_none() && world.violation_count() > 0 {
+            first_violation_wall_ms = Some(started.elapsed().as_millis() as u64);
+        }
+    });
     let power_loss = scenario_run.power_loss_at_ns().is_some() && stop != Stop::Violation;
     if power_loss {
         // The power goes at the drawn time, or when the workload ended if that came first.
@@ -132,6 +140,9 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
     }
     let report = scenario_run.finish(&*world.env());
     let violations = world.violations();
+    if first_violation_wall_ms.is_none() && !violations.is_empty() {
+        first_violation_wall_ms = Some(started.elapsed().as_millis() as u64);
+    }
     debug_assert!(
         stop != Stop::Violation || !violations.is_empty(),
         "stopped for a violation nobody reported"
@@ -156,6 +167,7 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
         ops_completed: report.ops_completed,
         sim_time_ns: world.now(),
         wall_ms: started.elapsed().as_millis() as u64,
+        first_violation_wall_ms,
         power_loss,
         stats,
         config: RunConfig { world: world_config, params },
@@ -169,12 +181,18 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
 /// time is read again (a scenario may arm it once its setup is done).
 const POWER_LOSS_POLL_NS: u64 = 1_000_000;
 
-/// Run until the workload ends, a violation, or the power-loss time.
-fn run_until_power_loss(world: &World, scenario_run: &dyn scenarios::ScenarioRun) -> Stop {
+/// Run until the workload ends, a violation, or the power-loss time,
+/// calling `after_slice` after every slice.
+fn run_until_power_loss(
+    world: &World,
+    scenario_run: &dyn scenarios::ScenarioRun,
+    mut after_slice: impl FnMut(),
+) -> Stop {
     loop {
         let target = scenario_run.power_loss_at_ns();
         let slice_end = world.now().saturating_add(POWER_LOSS_POLL_NS);
         let stop = world.run(Some(target.map_or(slice_end, |at| at.min(slice_end))));
+        after_slice();
         let due = target.is_some_and(|at| world.now() >= at);
         if stop != Stop::TimeReached || due {
             return stop;

@@ -36,6 +36,13 @@ pub struct WorldConfig {
     /// A workload task not polled for this long while workload tasks remain
     /// is a stall (reported as a violation naming what each task waits on).
     pub stall_timeout_ns: u64,
+    /// Once the engine has finished one operation (a `TraceEvent::Op`), this
+    /// long without another while workload tasks remain is a livelock,
+    /// reported as `no_progress`: tasks may keep running (restarting
+    /// searches, reclaiming) without getting anywhere. 120 s, as the
+    /// kernel's hung task detector, which only sees blocked tasks.
+    #[serde(default = "default_progress_timeout_ns")]
+    pub progress_timeout_ns: u64,
     /// Liveness bounds: a run that reaches either is reported, never hangs.
     pub max_sim_time_ns: u64,
     pub max_steps: u64,
@@ -53,6 +60,7 @@ impl Default for WorldConfig {
         Self {
             step_cost_ns: 1_000,
             stall_timeout_ns: 60_000_000_000,
+            progress_timeout_ns: default_progress_timeout_ns(),
             max_sim_time_ns: 3_600_000_000_000,
             max_steps: 50_000_000,
             max_violations: 1,
@@ -65,6 +73,10 @@ impl Default for WorldConfig {
 
 fn one() -> u32 {
     1
+}
+
+fn default_progress_timeout_ns() -> u64 {
+    120_000_000_000
 }
 
 /// A violation as the run reports it.
@@ -112,6 +124,8 @@ struct Exec {
     steps: u64,
     workload_live: u32,
     last_workload_poll_ns: u64,
+    /// When the last engine operation finished and the step count then.
+    last_op: Option<(u64, u64)>,
     switch_points: BTreeMap<&'static str, u64>,
     /// Reused buffer for the runnable list handed to the scheduler.
     scratch: Vec<TaskId>,
@@ -183,6 +197,7 @@ impl World {
                 steps: 0,
                 workload_live: 0,
                 last_workload_poll_ns: 0,
+                last_op: None,
                 switch_points: BTreeMap::new(),
                 scratch: Vec::new(),
             }),
@@ -282,6 +297,20 @@ impl World {
                 message: format!("{now} ns of simulated time without the workload finishing"),
             });
         }
+        if let Some((at, steps)) = exec.last_op
+            && now.saturating_sub(at) > self.config.progress_timeout_ns
+        {
+            let polls = exec.steps - steps;
+            drop(exec);
+            return Some(Violation {
+                kind: "no_progress",
+                message: format!(
+                    "no operation finished in {} ns of simulated time since {at} ns ({polls} polls): {}",
+                    self.config.progress_timeout_ns,
+                    self.blocked_tasks()
+                ),
+            });
+        }
         let idle = now.saturating_sub(exec.last_workload_poll_ns);
         if idle > self.config.stall_timeout_ns {
             drop(exec);
@@ -300,9 +329,13 @@ impl World {
             .iter()
             .enumerate()
             .filter(|(_, t)| t.live && t.kind == TaskKind::Workload)
-            .map(|(id, t)| match &t.waiting_on {
-                Some(what) => format!("{} ({}) waits on {what:?}", TaskId(id as u32), t.name),
-                None => format!("{} ({}) waits on nothing it declared", TaskId(id as u32), t.name),
+            .map(|(id, t)| {
+                let task = TaskId(id as u32);
+                match &t.waiting_on {
+                    _ if exec.runnable.contains(&task) => format!("{task} ({}) is runnable", t.name),
+                    Some(what) => format!("{task} ({}) waits on {what:?}", t.name),
+                    None => format!("{task} ({}) waits on nothing it declared", t.name),
+                }
             })
             .collect();
         blocked.join("; ")
@@ -507,6 +540,10 @@ impl World {
         self.violations.borrow().clone()
     }
 
+    pub fn violation_count(&self) -> usize {
+        self.violations.borrow().len()
+    }
+
     pub fn decision_log(&self) -> Vec<u32> {
         self.exec.borrow().decisions.clone()
     }
@@ -617,7 +654,13 @@ impl Env for World {
     }
 
     fn trace(&self, event: TraceEvent) {
-        let current = self.exec.borrow().current;
+        let current = {
+            let mut exec = self.exec.borrow_mut();
+            if matches!(event, TraceEvent::Op { .. }) {
+                exec.last_op = Some((self.clock.get(), exec.steps));
+            }
+            exec.current
+        };
         self.record(current, SimEvent::Engine(event));
     }
 

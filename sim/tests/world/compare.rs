@@ -31,7 +31,8 @@ fn expected_json(scenario_name: &str, start: u64, end: u64) -> String {
     let scenario = scenarios::by_name(scenario_name).unwrap();
     let mut fixes = Vec::new();
     for fix in FixPolicy::ALL {
-        let (mut reservation, mut safety, mut max, mut ops) = (0u64, 0u64, 0u64, 0u64);
+        let (mut reservation, mut safety, mut liveness, mut max, mut ops) = (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
         let mut p99s = Vec::new();
         let mut first_failing = None;
         for seed in start..end {
@@ -39,6 +40,13 @@ fn expected_json(scenario_name: &str, start: u64, end: u64) -> String {
             let classes: Vec<ViolationClass> = result.violations.iter().map(|v| classify(&v.kind)).collect();
             reservation += classes.contains(&ViolationClass::Reservation) as u64;
             safety += classes.contains(&ViolationClass::Safety) as u64;
+            liveness += classes.contains(&ViolationClass::Liveness) as u64;
+            let mut run_kinds: Vec<&str> = result.violations.iter().map(|v| v.kind.as_str()).collect();
+            run_kinds.sort();
+            run_kinds.dedup();
+            for kind in run_kinds {
+                *kinds.entry(kind.to_string()).or_default() += 1;
+            }
             if !classes.is_empty() && first_failing.is_none() {
                 first_failing = Some(seed);
             }
@@ -51,9 +59,12 @@ fn expected_json(scenario_name: &str, start: u64, end: u64) -> String {
         p99s.sort();
         let p99 = if p99s.is_empty() { 0 } else { p99s[(p99s.len() * 99).div_ceil(100) - 1] };
         let first = first_failing.map_or("null".to_string(), |seed| seed.to_string());
+        let kinds: Vec<String> = kinds.iter().map(|(kind, n)| format!("\"{kind}\":{n}")).collect();
+        let kinds = kinds.join(",");
         fixes.push(format!(
             "{{\"fix\":\"{fix}\",\"seeds_run\":{},\"reservation_violation_seeds\":{reservation},\
-             \"safety_violation_seeds\":{safety},\"max_cows_per_search\":{max},\
+             \"safety_violation_seeds\":{safety},\"liveness_violation_seeds\":{liveness},\
+             \"violation_kind_seeds\":{{{kinds}}},\"max_cows_per_search\":{max},\
              \"p99_cows_per_search\":{p99},\"ops_completed\":{ops},\"first_failing_seed\":{first}}}",
             end - start
         ));
@@ -109,7 +120,8 @@ fn compare_table_has_one_row_per_fix_in_the_given_order() {
         "the header says what p99 is: {text}"
     );
     assert!(lines[2].starts_with("fix "), "{text}");
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 8, "{text}");
+    assert!(lines[5].starts_with("seeds per violation kind"), "{text}");
     assert!(lines[3].starts_with("both ") && lines[4].starts_with("none "), "{text}");
     // No engine in device-stress: the COW columns say so.
     assert!(lines[3].contains(" - "), "{text}");
@@ -149,14 +161,15 @@ fn compare_classifies_violation_kinds() {
         "mount",
         "namespace",
         "durability",
-        "deadlock",
-        "stall",
-        "step_limit",
+        "transaction_abort",
         "io_error",
         "panic",
         "reservation",
         "",
     ] {
         assert_eq!(classify(kind), ViolationClass::Safety, "{kind}");
+    }
+    for kind in ["deadlock", "stall", "no_progress", "step_limit", "time_limit"] {
+        assert_eq!(classify(kind), ViolationClass::Liveness, "{kind}");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use engine::env::{Env, TaskKind, WaitOn};
+use engine::env::{Env, SwitchPoint, TaskKind, TraceEvent, WaitOn};
 use engine::fix::FixPolicy;
 use engine::wait::Completion;
 use sim::memory::MemoryConfig;
@@ -57,6 +57,35 @@ fn with_daemons_still_ticking_a_deadlock_is_reported_as_a_stall() {
     assert_eq!(violation.kind, "stall");
     assert!(violation.message.contains("(left) waits on"), "{}", violation.message);
     assert!(world.now() >= 2_000_000_000 && world.now() < 10_000_000_000, "stopped at {}", world.now());
+}
+
+/// A task that finishes one operation and then keeps running (sleeping and
+/// yielding, never blocked) without finishing another: a livelock, caught
+/// once no operation finished for `progress_timeout_ns`.
+#[test]
+fn a_task_that_runs_without_finishing_operations_is_no_progress() {
+    let config =
+        WorldConfig { memory: no_daemons(), progress_timeout_ns: 5_000_000_000, ..WorldConfig::default() };
+    let world = World::new(1, config, None, false);
+    let env = world.env();
+    let task_env = env.clone();
+    env.spawn(
+        "spinner",
+        TaskKind::Workload,
+        Box::pin(async move {
+            task_env.trace(TraceEvent::Op { name: "create", errno: 0 });
+            loop {
+                task_env.sleep(1_000_000).await;
+                task_env.switch_point(SwitchPoint::Workload).await;
+            }
+        }),
+    );
+    assert_eq!(world.run(None), Stop::Violation);
+    let violation = &world.violations()[0];
+    assert_eq!(violation.kind, "no_progress");
+    assert!(violation.message.contains("no operation finished in 5000000000 ns"), "{}", violation.message);
+    assert!(violation.message.contains("(spinner)"), "{}", violation.message);
+    assert!(world.now() > 5_000_000_000 && world.now() < 5_100_000_000, "stopped at {}", world.now());
 }
 
 #[test]
