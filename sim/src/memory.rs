@@ -2,10 +2,19 @@
 //!
 //! Model. The filesystem charges every cached tree block and page it holds
 //! and releases it on eviction. A memory hog, when configured, adds global
-//! pressure to the same budget. A charge that takes usage over `high_bytes`
-//! makes the charging task reclaim directly (evict clean objects, then start
-//! writeback of dirty ones) and then throttles it in proportion to what is
-//! still over, as `memory.high` does; nothing is ever killed.
+//! pressure to the same budget. Two ways to enforce the budget:
+//! - By default, as the machine's free memory running out (the min
+//!   watermark): a charge that takes usage over `high_bytes` makes the
+//!   charging task reclaim directly (evict clean objects, then start
+//!   writeback of dirty ones) and then throttles it in proportion to what is
+//!   still over, at once, whatever locks it holds (`__alloc_pages_slowpath`
+//!   direct reclaim, `reclaim_throttle`).
+//! - With `memcg_charge_batch_bytes`, as a cgroup's `memory.high`: the task
+//!   only owes what it charged over the limit (`memcg_nr_pages_over_high`)
+//!   and pays (the same reclaim and throttle) on its way back to user space,
+//!   the `Workload` switch point between operations; only a debt above the
+//!   batch (MEMCG_CHARGE_BATCH, 64 pages) is paid at once, inside the kernel.
+//! Nothing is ever killed.
 //!
 //! Policies live here, mechanisms in the engine: every actor decides *when*
 //! and *how much*, and calls the registered shrinkers, which decide *what*
@@ -25,7 +34,7 @@
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use engine::env::{Env, SyncMode, TaskKind};
+use engine::env::{Env, SyncMode, TaskId, TaskKind};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -40,6 +49,12 @@ pub struct MemoryConfig {
     pub high_bytes: u64,
     /// Direct reclaim frees the excess plus this much (SWAP_CLUSTER_MAX-like), bytes.
     pub reclaim_batch_bytes: u64,
+    /// `None`: a charge over `high_bytes` reclaims and throttles at once
+    /// (free memory running out). `Some(batch)`: `memory.high` semantics,
+    /// where a task pays at its return to user space, or at once when its
+    /// debt passes `batch` bytes (MEMCG_CHARGE_BATCH is 64 pages).
+    #[serde(default)]
+    pub memcg_charge_batch_bytes: Option<u64>,
     /// Throttle per started MiB still over `high_bytes` after direct reclaim, ns.
     pub throttle_ns_per_mib: u64,
     /// Upper bound of one throttle, ns.
@@ -90,6 +105,7 @@ impl Default for MemoryConfig {
         Self {
             high_bytes,
             reclaim_batch_bytes: 128 << 10,
+            memcg_charge_batch_bytes: None,
             throttle_ns_per_mib: 1_000_000,
             max_throttle_ns: 200_000_000,
             kswapd: Some(KswapdConfig {
@@ -128,6 +144,9 @@ pub struct Memory {
     charges: u64,
     throttles: u64,
     throttle_ns: u64,
+    /// Each task's charges made while over `high_bytes` and not yet paid
+    /// for (`current->memcg_nr_pages_over_high`).
+    over_high: BTreeMap<TaskId, u64>,
     actors: BTreeMap<&'static str, ActorStats>,
 }
 
@@ -141,6 +160,7 @@ impl Memory {
             charges: 0,
             throttles: 0,
             throttle_ns: 0,
+            over_high: BTreeMap::new(),
             actors: BTreeMap::new(),
         }
     }
@@ -156,6 +176,11 @@ impl Memory {
     /// Bytes over `high_bytes`, zero when under.
     pub fn excess_bytes(&self) -> u64 {
         self.usage_bytes().saturating_sub(self.config.high_bytes)
+    }
+
+    /// Whether `task` has charges over `high_bytes` to pay for.
+    pub(crate) fn owes(&self, task: Option<TaskId>) -> bool {
+        task.is_some_and(|task| self.over_high.contains_key(&task))
     }
 
     pub fn actor(&self, name: &str) -> ActorStats {
@@ -183,6 +208,7 @@ impl Memory {
     pub(crate) fn power_loss(&mut self) {
         self.fs_bytes = 0;
         self.hog_bytes = 0;
+        self.over_high.clear();
     }
 
     fn throttle_for(&self, excess_bytes: u64) -> u64 {
@@ -238,14 +264,51 @@ pub(crate) fn shrink(world: &World, actor: &'static str, target_bytes: u64, writ
     (freed, written)
 }
 
-/// [`Env::memory_charge`]: charge, reclaim directly when over, throttle.
+/// [`Env::memory_charge`]: charge; over `high_bytes`, reclaim directly and
+/// throttle, at once or (with `memcg_charge_batch_bytes`) once the task's
+/// debt passes the batch (`try_charge_memcg`), else at its return to user
+/// space. A charge outside any task (an `end_io`) is never made to wait.
 pub(crate) async fn charge(world: Rc<World>, bytes: u64) {
     let excess = world.memory_mut().charge(bytes);
-    world.record(world.current_task(), SimEvent::Charge { bytes, usage_bytes: world.memory().usage_bytes() });
+    let task = world.current_task();
+    world.record(task, SimEvent::Charge { bytes, usage_bytes: world.memory().usage_bytes() });
+    let Some(task) = task else { return };
     if excess == 0 {
         return;
     }
-    direct_reclaim_and_throttle(&world, excess).await;
+    let Some(batch) = world.memory().config.memcg_charge_batch_bytes else {
+        return direct_reclaim_and_throttle(&world, excess).await;
+    };
+    let debt = {
+        let mut memory = world.memory_mut();
+        let debt = memory.over_high.entry(task).or_default();
+        *debt += bytes;
+        if *debt <= batch {
+            return;
+        }
+        memory.over_high.remove(&task).unwrap_or(0)
+    };
+    handle_over_high(&world, debt).await;
+}
+
+/// The current task returns to user space (`resume_user_mode_work`): it
+/// pays what it owes for charges over `high_bytes`.
+pub(crate) async fn return_to_user(world: Rc<World>) {
+    let Some(task) = world.current_task() else { return };
+    let debt = world.memory_mut().over_high.remove(&task);
+    if let Some(debt) = debt {
+        handle_over_high(&world, debt).await;
+    }
+}
+
+/// `mem_cgroup_handle_over_high`: if usage is still over `high_bytes`,
+/// reclaim directly and sleep in proportion to what is left over.
+async fn handle_over_high(world: &Rc<World>, debt: u64) {
+    let excess = world.memory().excess_bytes();
+    if excess == 0 || debt == 0 {
+        return;
+    }
+    direct_reclaim_and_throttle(world, excess).await;
 }
 
 async fn direct_reclaim_and_throttle(world: &Rc<World>, excess: u64) {

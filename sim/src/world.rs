@@ -606,10 +606,19 @@ impl Env for World {
         Box::pin(Sleep { world: self.rc(), until_ns, armed: false })
     }
 
+    /// A switch point; at `Workload` (between operations) the task has
+    /// returned to user space and first pays its memory debt.
     fn switch_point(&self, at: SwitchPoint) -> LocalBoxFuture<'static, ()> {
         let current = self.exec.borrow().current;
         self.record(current, SimEvent::Switch(at));
         *self.exec.borrow_mut().switch_points.entry(switch_point_name(at)).or_default() += 1;
+        if at == SwitchPoint::Workload && self.memory.borrow().owes(current) {
+            let world = self.rc();
+            return Box::pin(async move {
+                memory::return_to_user(world).await;
+                YieldOnce { yielded: false }.await
+            });
+        }
         Box::pin(YieldOnce { yielded: false })
     }
 

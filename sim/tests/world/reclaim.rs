@@ -229,3 +229,47 @@ fn when_nothing_can_be_reclaimed_the_charger_is_throttled_not_killed() {
     assert!(summary["throttle_ns"].as_u64().unwrap() > 0);
     assert_eq!(cache.objects.borrow().iter().flatten().count(), 128, "nothing locked was evicted");
 }
+
+/// With `memcg_charge_batch_bytes` the budget is a cgroup's `memory.high`:
+/// charges over it inside an operation only add to the task's debt, paid on
+/// its return to user space (the `Workload` switch point), unless the debt
+/// passes the batch, which is paid at once.
+#[test]
+fn under_memory_high_a_task_pays_its_debt_on_return_to_user_or_past_the_batch() {
+    let mut config = quiet(256 << 10);
+    config.memcg_charge_batch_bytes = Some(256 << 10);
+    let world = world(config, 6);
+    let cache = TestCache::new(world.env());
+    // Direct reclaim passes seen by the task: after filling to the limit,
+    // after 8 more objects (128 KiB of debt), after returning to user
+    // space, then after 17 objects in one operation (272 KiB of debt).
+    let seen: Rc<RefCell<Vec<u64>>> = Rc::default();
+    let (task_env, task_world, task_seen) = (world.env(), world.clone(), seen.clone());
+    let charge = move |n: usize| {
+        let (env, cache) = (task_env.clone(), cache.clone());
+        async move {
+            for _ in 0..n {
+                env.memory_charge(OBJECT).await;
+                cache.objects.borrow_mut().push(Some(Object { state: State::Dirty, locked: false }));
+            }
+        }
+    };
+    let env = world.env();
+    env.spawn(
+        "op",
+        TaskKind::Workload,
+        Box::pin(async move {
+            let passes = || task_world.memory().actor("direct").passes;
+            charge(16).await;
+            task_seen.borrow_mut().push(passes());
+            charge(8).await;
+            task_seen.borrow_mut().push(passes());
+            task_world.env().switch_point(engine::env::SwitchPoint::Workload).await;
+            task_seen.borrow_mut().push(passes());
+            charge(17).await;
+            task_seen.borrow_mut().push(passes());
+        }),
+    );
+    assert_eq!(world.run(None), Stop::WorkloadDone);
+    assert_eq!(*seen.borrow(), [0, 0, 1, 2]);
+}
