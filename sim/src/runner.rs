@@ -156,7 +156,7 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
         }
     }
     stats["scenario"] = scenario_stats;
-    Ok(RunResult {
+    let result = Ok(RunResult {
         seed: spec.seed,
         scenario: scenario.name().to_string(),
         fix: spec.fix.name().to_string(),
@@ -174,7 +174,10 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
         replay_command: replay_command(spec),
         decision_log: world.decision_log(),
         records: world.take_trace_records(),
-    })
+    });
+    drop(scenario_run);
+    world.shutdown();
+    result
 }
 
 /// Longest stretch of simulated time run before the scenario's power-loss

@@ -450,10 +450,11 @@ impl World {
         }
     }
 
-    /// Cut power: every task, in-flight bio and cached byte is gone, the
-    /// device keeps what a real drive could, and the machine boots again
-    /// with only its own daemons running.
-    pub fn power_loss(&self) {
+    /// End of the run: drop every task's future, pending `end_io` and
+    /// shrinker. They hold the world (and the engine) through `Env`, and the
+    /// world holds them: without this, every run's memory stays allocated,
+    /// which a sweep of thousands of runs in one process cannot afford.
+    pub fn shutdown(&self) {
         let futures: Vec<_> = std::mem::take(&mut *self.futures.borrow_mut());
         {
             let mut exec = self.exec.borrow_mut();
@@ -472,6 +473,13 @@ impl World {
         drop(bios);
         drop(shrinkers);
         self.woken.lock().expect("wake list poisoned").clear();
+    }
+
+    /// Cut power: every task, in-flight bio and cached byte is gone, the
+    /// device keeps what a real drive could, and the machine boots again
+    /// with only its own daemons running.
+    pub fn power_loss(&self) {
+        self.shutdown();
         self.futures.borrow_mut().resize_with(self.exec.borrow().tasks.len(), || None);
         let report = self.device.borrow_mut().power_loss(self.clock.get());
         self.memory.borrow_mut().power_loss();

@@ -104,3 +104,29 @@ fn pct_runs_are_deterministic_and_schedule_differently_from_random() {
     }
     assert!(differ >= 10, "PCT should change most schedules, changed {differ} of 20");
 }
+
+/// A daemon that never ends holds the world through its `Env`, and the world
+/// holds its future: `shutdown` breaks the cycle, so a sweep of thousands of
+/// runs in one process does not keep every run's memory.
+#[test]
+fn shutdown_frees_the_world_that_its_tasks_hold() {
+    let world = World::new(1, WorldConfig::default(), None, false);
+    let env = world.env();
+    let task_env = env.clone();
+    env.spawn(
+        "forever",
+        TaskKind::Daemon,
+        Box::pin(async move {
+            loop {
+                task_env.sleep(1_000_000).await;
+            }
+        }),
+    );
+    drop(env);
+    // No workload task: the run ends at once, the daemon still pending.
+    assert_eq!(world.run(Some(10_000_000)), Stop::WorkloadDone);
+    let weak = Rc::downgrade(&world);
+    world.shutdown();
+    drop(world);
+    assert!(weak.upgrade().is_none(), "the world outlived its run");
+}
