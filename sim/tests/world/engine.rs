@@ -117,3 +117,25 @@ fn an_abort_mid_commit_does_not_leave_joiners_waiting() {
     let kinds: Vec<&str> = result.violations.iter().map(|v| v.kind.as_str()).collect();
     assert_eq!(kinds, ["enospc_abort"], "{:?}", result.violations);
 }
+
+/// Found by the fix comparison: under `inhibit-writeback`, seed 18's open
+/// handles keep every dirty block of the transaction inhibited while their
+/// own searches need memory to read blocks back; reclaim can only evict
+/// the block just read, every search restarts on `read_block` forever and
+/// the commit waits for the handles. A livelock, reported as `no_progress`
+/// (it ran to the one-hour time limit before that watchdog existed).
+#[test]
+fn inhibit_writeback_seed_18_livelocks_and_is_reported_as_no_progress() {
+    let scenario = scenarios::by_name("cow-amplification").unwrap();
+    let spec = RunSpec::new("cow-amplification", 18, FixPolicy::InhibitWriteback);
+    let result = run(&spec, &*scenario).unwrap();
+    let kinds: Vec<&str> = result.violations.iter().map(|v| v.kind.as_str()).collect();
+    assert_eq!(kinds, ["no_progress"], "{:?}", result.violations);
+    assert!(
+        result.violations[0].message.contains("waits on Transaction"),
+        "{}",
+        result.violations[0].message
+    );
+    let restarts = result.stats["searches"]["restarts"]["read_block"].as_u64().unwrap_or(0);
+    assert!(restarts > 100_000, "read_block restarts: {restarts}");
+}
