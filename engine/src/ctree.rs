@@ -78,7 +78,6 @@ use crate::locking::{
     assert_tree_write_locked, tree_lock, tree_read_lock, tree_read_unlock, tree_unlock, try_tree_read_lock,
 };
 use crate::transaction::{TransHandle, abort_transaction, mark_buffer_dirty};
-use crate::tree_checker::TreeCheckError;
 
 /// One tree (kernel: struct btrfs_root).
 pub struct Root {

@@ -279,33 +279,33 @@ pub(crate) async fn charge(world: Rc<World>, bytes: u64) {
     let Some(batch) = world.memory().config.memcg_charge_batch_bytes else {
         return direct_reclaim_and_throttle(&world, excess).await;
     };
-    let debt = {
+    {
         let mut memory = world.memory_mut();
         let debt = memory.over_high.entry(task).or_default();
         *debt += bytes;
         if *debt <= batch {
             return;
         }
-        memory.over_high.remove(&task).unwrap_or(0)
-    };
-    handle_over_high(&world, debt).await;
+        memory.over_high.remove(&task);
+    }
+    handle_over_high(&world).await;
 }
 
 /// The current task returns to user space (`resume_user_mode_work`): it
 /// pays what it owes for charges over `high_bytes`.
 pub(crate) async fn return_to_user(world: Rc<World>) {
     let Some(task) = world.current_task() else { return };
-    let debt = world.memory_mut().over_high.remove(&task);
-    if let Some(debt) = debt {
-        handle_over_high(&world, debt).await;
+    let owed = world.memory_mut().over_high.remove(&task).is_some();
+    if owed {
+        handle_over_high(&world).await;
     }
 }
 
 /// `mem_cgroup_handle_over_high`: if usage is still over `high_bytes`,
 /// reclaim directly and sleep in proportion to what is left over.
-async fn handle_over_high(world: &Rc<World>, debt: u64) {
+async fn handle_over_high(world: &Rc<World>) {
     let excess = world.memory().excess_bytes();
-    if excess == 0 || debt == 0 {
+    if excess == 0 {
         return;
     }
     direct_reclaim_and_throttle(world, excess).await;
