@@ -164,6 +164,9 @@ pub struct SearchStats {
     pub cows_per_search: RefCell<std::collections::BTreeMap<u32, u64>>,
     /// Restarts of one search -> number of searches.
     pub restarts_per_search: RefCell<std::collections::BTreeMap<u32, u64>>,
+    /// Restarts during whose window (path released, before the next
+    /// descent) reclaim evicted a tree block: the loop's first ingredient.
+    pub reclaim_in_restart_window: Cell<u64>,
 }
 
 impl SearchStats {
@@ -814,7 +817,12 @@ async fn search_slot_restarting(
                 counter.set(counter.get() + 1);
                 fs.env.trace(TraceEvent::SearchRestart { root: root.objectid, level: level as u8, reason });
                 p.release();
+                let evictions = fs.stats.eb_evictions.get();
                 fs.env.switch_point(SwitchPoint::PathRelease).await;
+                if fs.stats.eb_evictions.get() != evictions {
+                    let window = &fs.search_stats.reclaim_in_restart_window;
+                    window.set(window.get() + 1);
+                }
             }
         }
     }

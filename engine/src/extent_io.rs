@@ -61,6 +61,7 @@ use crate::error::Error;
 use crate::format::{HEADER_FLAG_RELOC, HEADER_FLAG_WRITTEN, Key, leaf_data_size, nodeptrs_per_block};
 use crate::fs::FsInfo;
 use crate::locking::{TreeLock, tree_lock, tree_unlock, try_tree_write_lock};
+use crate::transaction::TransState;
 use crate::tree_checker::{ParentCheck, TreeCheckError, check_tree_block, validate_extent_buffer};
 use crate::wait::declared;
 use crate::wait::{Completion, WaitQueue};
@@ -760,6 +761,11 @@ pub fn write_one_eb(fs: &FsInfo, eb: &Rc<ExtentBuffer>, mode: SyncMode) -> bool 
     }
     fs.env.trace(TraceEvent::EbWriteback { bytenr: eb.start, sync: mode == SyncMode::All });
     fs.stats.eb_writes.set(fs.stats.eb_writes.get() + 1);
+    let running = fs.trans.running.borrow().as_ref().map(|t| (t.transid, t.state()));
+    if running == Some((eb.generation(), TransState::Running)) {
+        let counter = &fs.stats.eb_writes_of_running_transaction;
+        counter.set(counter.get() + 1);
+    }
     let (weak, done_eb) = (fs.weak(), eb.clone());
     fs.env.submit_bio(
         Bio::Write { offset_bytes: map_block(fs, eb.start), data: image, fua: false, preflush: false },

@@ -39,6 +39,9 @@ pub struct FsStats {
     pub eb_read_errors: Cell<u64>,
     /// Tree block write bios submitted.
     pub eb_writes: Cell<u64>,
+    /// Of those, blocks of the running transaction written before its
+    /// commit started (reclaim or the flusher: the loop's WRITTEN step).
+    pub eb_writes_of_running_transaction: Cell<u64>,
     /// Writes refused by the write-time tree checker.
     pub eb_write_check_failures: Cell<u64>,
     /// Clean ebs dropped by reclaim (`try_release_extent_buffer`).

@@ -325,14 +325,37 @@ pub fn engine_stats(fs: &FsInfo) -> serde_json::Value {
         .map(|(reason, count)| (reason.as_str().to_string(), count.get().into()))
         .collect();
     let handles = &fs.trans.handle_stats;
+    let ebs = &fs.stats;
+    let space = fs.space.get().map(|space| {
+        let metadata = space.metadata.stats();
+        serde_json::json!({ "metadata": {
+            "tickets_queued": metadata.tickets_queued,
+            "tickets_granted": metadata.tickets_granted,
+            "tickets_stolen": metadata.tickets_stolen,
+            "tickets_failed": metadata.tickets_failed,
+            "flush_space_calls": metadata.flush_states.values().sum::<u64>(),
+        }})
+    });
+    // The running transaction's state when the statistics were taken: after
+    // a power loss, the state the filesystem was cut in.
+    let transaction = fs.trans.running.borrow().as_ref().map(|t| t.state().name());
     serde_json::json!({
         "searches": {
             "searches": searches.searches.get(),
             "cows": searches.cows.get(),
             "restarts": restarts,
+            "reclaim_in_restart_window": searches.reclaim_in_restart_window.get(),
             "cows_per_search": percentiles(&searches.cows_per_search.borrow()),
             "restarts_per_search": percentiles(&searches.restarts_per_search.borrow()),
         },
+        "extent_buffers": {
+            "reads": ebs.eb_reads.get(),
+            "writes": ebs.eb_writes.get(),
+            "writes_of_running_transaction": ebs.eb_writes_of_running_transaction.get(),
+            "evictions": ebs.eb_evictions.get(),
+        },
+        "space": space,
+        "transaction": { "running_state": transaction },
         "handles": {
             "handles": handles.handles.get(),
             "reserving_handles": handles.reserving_handles.get(),
