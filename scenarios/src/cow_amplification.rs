@@ -97,6 +97,33 @@ impl Scenario for CowAmplification {
         serde_json::to_value(params).expect("params serialize")
     }
 
+    fn shrink(&self, params: &serde_json::Value) -> Vec<serde_json::Value> {
+        let Ok(params) = serde_json::from_value::<Params>(params.clone()) else { return Vec::new() };
+        let mut smaller = Vec::new();
+        let mut variant = |change: &dyn Fn(&mut Params)| {
+            let mut p = params.clone();
+            change(&mut p);
+            smaller.push(serde_json::to_value(p).expect("params serialize"));
+        };
+        // Fewer tasks and operations first: they shrink everything else.
+        for tasks in smaller_counts(params.tasks) {
+            variant(&|p| p.tasks = tasks);
+        }
+        for ops in smaller_counts(params.ops_per_task) {
+            variant(&|p| p.ops_per_task = ops);
+        }
+        if params.power_loss_after_ns.is_some() {
+            variant(&|p| p.power_loss_after_ns = None);
+        }
+        for dirs in smaller_counts(params.dirs) {
+            variant(&|p| p.dirs = dirs);
+        }
+        for names in smaller_counts(params.names_per_task) {
+            variant(&|p| p.names_per_task = names);
+        }
+        smaller
+    }
+
     fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
         let params: Params = serde_json::from_value(context.params.clone())
             .map_err(|e| format!("cow-amplification parameters: {e}"))?;
@@ -109,6 +136,15 @@ impl Scenario for CowAmplification {
         context.env.spawn("committer", TaskKind::Workload, Box::pin(setup));
         Ok(Box::new(CowAmplificationRun { params, shared }))
     }
+}
+
+/// Smaller values of a count of at least 1, boldest first: 1, half, three
+/// quarters, one less (without repeats).
+fn smaller_counts(n: u32) -> Vec<u32> {
+    let mut counts: Vec<u32> =
+        [1, n / 2, n - n / 4, n.saturating_sub(1)].into_iter().filter(|&c| c >= 1 && c < n).collect();
+    counts.dedup();
+    counts
 }
 
 /// State shared by the workers, the committer and the recovery.

@@ -43,6 +43,13 @@ pub trait Scenario {
     fn configure(&self, seed: u64) -> serde_json::Value;
     /// Spawn the workload. A bad parameter set is an error, not a panic.
     fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String>;
+    /// Smaller variants of `params` for `sim shrink` (fewer tasks, fewer
+    /// operations, no power loss...), most promising first; each must be
+    /// strictly smaller in some measure, so that shrinking ends. None by default.
+    fn shrink(&self, params: &serde_json::Value) -> Vec<serde_json::Value> {
+        let _ = params;
+        Vec::new()
+    }
 }
 
 /// One running instance of a scenario.

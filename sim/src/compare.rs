@@ -5,19 +5,16 @@
 //! table and the JSON are the same for any number of jobs. Wall-clock times
 //! are kept apart from them (see [`wall_clock`]).
 
-use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use engine::fix::FixPolicy;
 use serde::Serialize;
 
+use crate::pool::{self, Caught, run_caught};
 use crate::report::SeedRange;
-use crate::runner::{RunResult, RunSpec, replay_command, run};
+use crate::runner::{RunResult, RunSpec, replay_command};
 
 /// What a broken invariant says about a fix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,43 +42,7 @@ pub fn classify(kind: &str) -> ViolationClass {
     }
 }
 
-/// The kind recorded for a run that panicked (an engine bug): a safety violation.
-pub const PANIC_KIND: &str = "panic";
-
-thread_local! {
-    /// Set while this thread runs a seed under [`run_one`].
-    static IN_RUN: Cell<bool> = const { Cell::new(false) };
-    /// Where and why the last run of this thread panicked, kept by the hook of [`capture_panics`].
-    static PANIC_MESSAGE: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Install a panic hook that, for a panic inside a compared run, keeps its
-/// location and message for the comparison ([`panics`]) instead of printing
-/// it with a backtrace; any other panic goes to the previous hook. For the
-/// `sim compare` command; without it, a run's panic is printed as usual and
-/// still counted.
-pub fn capture_panics() {
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if IN_RUN.with(Cell::get) {
-            let location =
-                info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
-            let message = payload_text(info.payload());
-            PANIC_MESSAGE.with(|m| *m.borrow_mut() = Some(format!("panicked{location}: {message}")));
-        } else {
-            previous(info);
-        }
-    }));
-}
-
-fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic".to_string());
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+pub use crate::pool::PANIC_KIND;
 
 /// What to compare.
 #[derive(Clone, Debug)]
@@ -200,13 +161,9 @@ impl RunSummary {
 /// Run one seed; a panic inside the run is reported as a [`PANIC_KIND`] safety violation.
 fn run_one(scenario: &dyn scenarios::Scenario, spec: &RunSpec) -> Result<RunSummary, String> {
     let started = Instant::now();
-    IN_RUN.with(|r| r.set(true));
-    PANIC_MESSAGE.with(|m| m.borrow_mut().take());
-    let outcome = catch_unwind(AssertUnwindSafe(|| run(spec, scenario)));
-    IN_RUN.with(|r| r.set(false));
-    match outcome {
-        Ok(result) => result.map(|result| RunSummary::of(&result)),
-        Err(payload) => Ok(RunSummary {
+    Ok(match run_caught(scenario, spec)? {
+        Caught::Finished(result) => RunSummary::of(&result),
+        Caught::Panicked(message) => RunSummary {
             reservation: classify(PANIC_KIND) == ViolationClass::Reservation,
             safety: classify(PANIC_KIND) == ViolationClass::Safety,
             liveness: classify(PANIC_KIND) == ViolationClass::Liveness,
@@ -215,17 +172,10 @@ fn run_one(scenario: &dyn scenarios::Scenario, spec: &RunSpec) -> Result<RunSumm
             ops_completed: 0,
             wall_ms: started.elapsed().as_millis() as u64,
             replay_command: replay_command(spec),
-            panic: Some(
-                PANIC_MESSAGE
-                    .with(|m| m.borrow_mut().take())
-                    .unwrap_or_else(|| format!("panicked: {}", payload_text(&*payload))),
-            ),
-        }),
-    }
+            panic: Some(message),
+        },
+    })
 }
-
-/// Stack of each worker thread: as the main thread's, runs are deep futures.
-const WORKER_STACK_BYTES: usize = 16 << 20;
 
 /// Run every seed under every fix and build the comparison. An error is bad
 /// input (unknown scenario, no fix, no job, a run refusing its parameters).
@@ -238,72 +188,49 @@ pub fn compare(spec: &CompareSpec) -> Result<Comparison, String> {
         return Err("bad --jobs 0: at least 1".to_string());
     }
     let per_fix = spec.seeds.len();
-    let total = per_fix
+    per_fix
         .checked_mul(spec.fixes.len() as u64)
+        .filter(|&total| usize::try_from(total).is_ok())
         .ok_or_else(|| format!("seed range {}..{} is too large", spec.seeds.start, spec.seeds.end))?;
-    let next = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
-    // Keyed by work index = fix position * seeds + seed offset, i.e. by (fix, seed).
-    let results: Mutex<BTreeMap<u64, Result<RunSummary, String>>> = Mutex::new(BTreeMap::new());
-    let workers = (spec.jobs as u64).min(total.max(1)) as usize;
-    let spawn_error = std::thread::scope(|scope| {
-        let work = || {
-            let scenario = match scenarios::by_name(&spec.scenario) {
-                Ok(scenario) => scenario,
+    // Work items in (fix, seed) order; results are keyed by that order.
+    let work: Vec<(usize, u64)> =
+        (0..spec.fixes.len()).flat_map(|fix| spec.seeds.iter().map(move |seed| (fix, seed))).collect();
+    let mut by_fix: Vec<BTreeMap<u64, RunSummary>> = vec![BTreeMap::new(); spec.fixes.len()];
+    let mut error = None;
+    pool::for_each_parallel(
+        spec.jobs,
+        &work,
+        "compare",
+        |&(fix, seed)| {
+            let scenario = scenarios::by_name(&spec.scenario)?;
+            run_one(&*scenario, &RunSpec::new(&spec.scenario, seed, spec.fixes[fix]))
+        },
+        |index, summary| {
+            let (fix, seed) = work[index];
+            match summary {
+                Ok(summary) => {
+                    by_fix[fix].insert(seed, summary);
+                    true
+                }
                 Err(e) => {
-                    stop.store(true, Ordering::SeqCst);
-                    results.lock().unwrap_or_else(|p| p.into_inner()).insert(0, Err(e));
-                    return;
-                }
-            };
-            // Indices are claimed in increasing order, and a claimed index is
-            // always finished, so every index below an error has a result.
-            while !stop.load(Ordering::SeqCst) {
-                let index = next.fetch_add(1, Ordering::SeqCst);
-                if index >= total {
-                    break;
-                }
-                let fix = spec.fixes[(index / per_fix) as usize];
-                let run_spec = RunSpec::new(&spec.scenario, spec.seeds.start + index % per_fix, fix);
-                let summary = run_one(&*scenario, &run_spec);
-                if summary.is_err() {
-                    stop.store(true, Ordering::SeqCst);
-                }
-                results.lock().unwrap_or_else(|p| p.into_inner()).insert(index, summary);
-            }
-        };
-        let mut started = 0;
-        let mut error = None;
-        for worker in 0..workers {
-            let builder =
-                std::thread::Builder::new().name(format!("compare-{worker}")).stack_size(WORKER_STACK_BYTES);
-            match builder.spawn_scoped(scope, work) {
-                Ok(_) => started += 1,
-                Err(e) => {
-                    error = Some(e);
-                    break;
+                    // Keep the error of the first item in order.
+                    if error.as_ref().is_none_or(|&(first, _)| index < first) {
+                        error = Some((index, format!("seed {seed} with fix {}: {e}", spec.fixes[fix])));
+                    }
+                    false
                 }
             }
-        }
-        if started == 0 { error.map(|e| format!("cannot start a worker thread: {e}")) } else { None }
-    });
-    if let Some(error) = spawn_error {
+        },
+    )?;
+    if let Some((_, error)) = error {
         return Err(error);
     }
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut rows = Vec::with_capacity(spec.fixes.len());
-    let mut by_fix: Vec<Vec<(u64, RunSummary)>> = vec![Vec::new(); spec.fixes.len()];
-    for (index, summary) in results {
-        let fix = (index / per_fix) as usize;
-        let seed = spec.seeds.start + index % per_fix;
-        match summary {
-            Ok(summary) => by_fix[fix].push((seed, summary)),
-            Err(e) => return Err(format!("seed {seed} with fix {}: {e}", spec.fixes[fix])),
-        }
-    }
-    for (fix, runs) in spec.fixes.iter().zip(by_fix) {
-        rows.push(row(*fix, &runs));
-    }
+    let rows = spec
+        .fixes
+        .iter()
+        .zip(by_fix)
+        .map(|(fix, runs)| row(*fix, &runs.into_iter().collect::<Vec<_>>()))
+        .collect();
     Ok(Comparison { scenario: spec.scenario.clone(), seeds: [spec.seeds.start, spec.seeds.end], fixes: rows })
 }
 

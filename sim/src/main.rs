@@ -11,6 +11,7 @@ use sim::determinism::check_seed;
 use sim::report::{self, SeedRange};
 use sim::runner::{Outcome, RunSpec, run};
 use sim::seedfile::{Expected, SeedFile};
+use sim::sweep::{self, SweepSpec};
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +73,58 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run many seeds of one fix, appending one JSON line per seed to DIR/results.jsonl
+    /// (exit 1 if any seed failed).
+    Sweep {
+        #[arg(long, default_value = scenarios::DEFAULT_SCENARIO)]
+        scenario: String,
+        /// Seeds as A..B (B excluded) or a single N.
+        #[arg(long)]
+        seeds: String,
+        #[arg(long, default_value = "none")]
+        fix: String,
+        /// Seeds run at once, each on a fresh thread.
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Run only shard K of N (K from 0): the seeds whose offset in the range is K mod N.
+        #[arg(long, default_value = "0/1")]
+        shard: String,
+        /// Each seed draws its own world (scheduler, memory, reclaim, device).
+        #[arg(long)]
+        swarm: bool,
+        /// Fraction of seeds run twice that must give the same trace.
+        #[arg(long, default_value_t = 0.02)]
+        canary: f64,
+        /// Output directory: sweep.json, results.jsonl, seeds/.
+        #[arg(long)]
+        out: PathBuf,
+        /// Go on with the sweep in --out, skipping the seeds it has finished.
+        #[arg(long)]
+        resume: bool,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Combine sweep directories (shards) into one summary (exit 1 on a violation not in --known).
+    Merge {
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Seed files of known failures: only a failure whose fingerprint none has is new.
+        #[arg(long)]
+        known: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reduce a failing seed file while it keeps failing the same way; writes FILE-shrunk.json.
+    Shrink {
+        file: PathBuf,
+        /// Most candidate runs to try.
+        #[arg(long, default_value_t = 200)]
+        max_runs: u32,
+        /// Where to write the shrunk seed file (default: beside FILE).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -100,6 +153,9 @@ struct RunArgs {
     /// On a violation, write a seed file into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Draw the seed's own world, as `sim sweep --swarm` does.
+    #[arg(long, conflicts_with = "workload")]
+    swarm: bool,
 }
 
 fn main() -> ExitCode {
@@ -118,6 +174,26 @@ fn main() -> ExitCode {
         Some(Command::Compare { scenario, seeds, fixes, jobs, json }) => {
             compare_fixes(scenario, &seeds, fixes.as_deref(), jobs, json)
         }
+        Some(Command::Sweep { scenario, seeds, fix, jobs, shard, swarm, canary, out, resume, json }) => {
+            init_tracing(false);
+            sim::pool::capture_panics();
+            let spec = (|| {
+                Ok::<_, String>(SweepSpec {
+                    scenario,
+                    seeds: seeds.parse()?,
+                    fix: fix.parse()?,
+                    jobs,
+                    shard: shard.parse()?,
+                    swarm,
+                    canary,
+                    out,
+                    resume,
+                })
+            })();
+            spec.and_then(|spec| run_sweep(&spec, json))
+        }
+        Some(Command::Merge { dirs, known, json }) => merge(&dirs, known.as_deref(), json),
+        Some(Command::Shrink { file, max_runs, out }) => shrink(&file, max_runs, out),
     };
     result.unwrap_or_else(|message| {
         eprintln!("error: {message}");
@@ -145,6 +221,7 @@ fn run_one(args: RunArgs) -> Result<ExitCode, String> {
     let scenario = scenarios::by_name(scenario_name)?;
     let fix: FixPolicy = args.fix.parse()?;
     let mut spec = RunSpec::new(scenario_name, args.seed, fix);
+    spec.swarm = args.swarm;
     spec.scheduler = args.scheduler.as_deref().map(str::parse).transpose()?;
     if let Some(path) = &args.workload {
         let text =
@@ -235,7 +312,7 @@ fn compare_fixes(
     json: bool,
 ) -> Result<ExitCode, String> {
     init_tracing(false);
-    compare::capture_panics();
+    sim::pool::capture_panics();
     let spec =
         compare::CompareSpec { scenario, seeds: seeds.parse()?, fixes: compare::parse_fixes(fixes)?, jobs };
     let comparison = compare::compare(&spec)?;
@@ -246,5 +323,70 @@ fn compare_fixes(
     }
     eprint!("{}", compare::panics(&comparison));
     eprint!("{}", compare::wall_clock(&comparison));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_sweep(spec: &SweepSpec, json: bool) -> Result<ExitCode, String> {
+    let outcome = sweep::sweep(spec, &mut sweep::StderrProgress::new())?;
+    if json {
+        println!("{}", serde_json::to_string(&outcome.summary).expect("a summary serializes"));
+    } else {
+        print!("{}", sweep::summary_text(&outcome.summary));
+    }
+    eprint!("{}", sweep::wall_clock(&outcome.lines, outcome.ran, Some(outcome.elapsed)));
+    Ok(if outcome.summary.failing_seeds.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn merge(dirs: &[PathBuf], known: Option<&std::path::Path>, json: bool) -> Result<ExitCode, String> {
+    let summary = sweep::merge(dirs)?;
+    let known = known.map(sweep::known_fingerprints).transpose()?;
+    if json {
+        println!("{}", serde_json::to_string(&summary).expect("a summary serializes"));
+    } else {
+        print!("{}", sweep::summary_text(&summary));
+    }
+    let Some(known) = known else {
+        return Ok(if summary.failing_seeds.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    };
+    let new: Vec<(&String, &Vec<u64>)> =
+        summary.fingerprints.iter().filter(|(fingerprint, _)| !known.contains(*fingerprint)).collect();
+    for (fingerprint, seeds) in &new {
+        eprintln!("NEW failure: {fingerprint} (seeds {seeds:?})");
+    }
+    if !summary.canary_diverged.is_empty() {
+        eprintln!("NONDETERMINISM: seeds {:?} gave two different traces", summary.canary_diverged);
+    }
+    Ok(if new.is_empty() && summary.canary_diverged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn shrink(file: &std::path::Path, max_runs: u32, out: Option<PathBuf>) -> Result<ExitCode, String> {
+    init_tracing(false);
+    sim::pool::capture_panics();
+    let seed_file = SeedFile::load(file)?;
+    let out = out.unwrap_or_else(|| {
+        let stem = file.file_stem().map_or("seed".into(), |s| s.to_string_lossy().into_owned());
+        file.with_file_name(format!("{stem}-shrunk.json"))
+    });
+    let shrunk = sim::shrink::shrink(&seed_file, max_runs, |run, kept| {
+        eprintln!("shrink: candidate {run}: {}", if kept { "same failure, kept" } else { "rejected" });
+    })?;
+    shrunk.file.save(&out)?;
+    let (b, a) = (shrunk.before, shrunk.after);
+    println!(
+        "shrunk {} ({}): {} of {} candidate runs kept",
+        file.display(),
+        shrunk.fingerprint,
+        shrunk.accepted,
+        shrunk.runs
+    );
+    println!("  operations completed  {:>10} -> {}", b.ops_completed, a.ops_completed);
+    println!("  reclaim events        {:>10} -> {}", b.reclaim_events, a.reclaim_events);
+    println!("  scheduling decisions  {:>10} -> {}", b.decisions, a.decisions);
+    println!("  trace events          {:>10} -> {}", b.trace_events, a.trace_events);
+    println!("wrote {}; replay it with: sim replay {}", out.display(), out.display());
     Ok(ExitCode::SUCCESS)
 }

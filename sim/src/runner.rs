@@ -25,6 +25,8 @@ pub struct RunSpec {
     pub scheduler: Option<Strategy>,
     /// Keep every trace record (for `check-determinism`).
     pub keep_trace: bool,
+    /// Without `params`: draw a swarm world for the seed ([`crate::swarm`]).
+    pub swarm: bool,
 }
 
 impl RunSpec {
@@ -38,6 +40,7 @@ impl RunSpec {
             decision_log: None,
             scheduler: None,
             keep_trace: false,
+            swarm: false,
         }
     }
 }
@@ -94,7 +97,8 @@ pub fn derive_world_config(params: &serde_json::Value) -> Result<WorldConfig, St
     serde_json::from_value(world).map_err(|e| format!("bad world configuration: {e}"))
 }
 
-fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value) {
+/// Merge `overrides` into `base` field by field (objects recursively).
+pub fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value) {
     match (base, overrides) {
         (serde_json::Value::Object(base), serde_json::Value::Object(overrides)) => {
             for (key, value) in overrides {
@@ -114,7 +118,9 @@ fn merge(base: &mut serde_json::Value, overrides: &serde_json::Value) {
 /// parse, a scenario that refuses them), never a violation.
 pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String> {
     let started = Instant::now();
-    let params = spec.params.clone().unwrap_or_else(|| scenario.configure(spec.seed));
+    let params = spec.params.clone().unwrap_or_else(|| {
+        if spec.swarm { crate::swarm::params(scenario, spec.seed) } else { scenario.configure(spec.seed) }
+    });
     let mut world_config = match &spec.world {
         Some(world) => world.clone(),
         None => derive_world_config(&params)?,
@@ -150,7 +156,7 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
     let mut stats = world.stats();
     let mut scenario_stats = report.stats;
     // Sections the engine defines sit beside the world's: stats.trees.<name>.
-    for section in ["trees", "searches", "handles", "space"] {
+    for section in ["trees", "searches", "handles", "space", "extent_buffers", "transaction"] {
         if let Some(value) = scenario_stats.as_object_mut().and_then(|s| s.remove(section)) {
             stats[section] = value;
         }
@@ -215,6 +221,9 @@ pub fn replay_command(spec: &RunSpec) -> String {
             command.push_str(&format!(" --scheduler pct:{depth}:{steps}"))
         }
         None => {}
+    }
+    if spec.swarm {
+        command.push_str(" --swarm");
     }
     command
 }

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::runner::{Outcome, RunConfig, RunResult, RunSpec};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added `expected.location`; version 1 files still load.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +34,64 @@ pub struct Expected {
     /// Kind of the first violation, if the run failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub violation: Option<String>,
+    /// Where the first violation was raised ([`Fingerprint::location`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+}
+
+/// What identifies a failure across runs that differ in detail (handle
+/// numbers, byte counts, times): the kind of the first violation and where
+/// it was raised. Shrinking keeps it; a nightly sweep calls a failure new
+/// when no known seed file has its fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub kind: String,
+    pub location: String,
+}
+
+impl Fingerprint {
+    /// The fingerprint of a run's first violation, if it has one.
+    pub fn of(result: &RunResult) -> Option<Self> {
+        result.violations.first().map(|v| Self { kind: v.kind.clone(), location: location(&v.message) })
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.location.is_empty() {
+            write!(f, "{}", self.kind)
+        } else {
+            write!(f, "{} in {}", self.kind, self.location)
+        }
+    }
+}
+
+/// Where a violation message says it was raised: the first kernel function
+/// it names (a word starting with `btrfs_`, as in the kernel's WARNINGs and
+/// abort messages), else the operation it names in parentheses, else
+/// nothing. Numbers never take part.
+pub fn location(message: &str) -> String {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    if let Some(function) = message.split(|c: char| !is_word(c)).find(|w| w.starts_with("btrfs_")) {
+        return function.to_string();
+    }
+    message
+        .split('(')
+        .skip(1)
+        .map(|after| &after[..after.find(|c: char| !is_word(c)).unwrap_or(after.len())])
+        .find(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .unwrap_or_default()
+        .to_string()
+}
+
+impl Expected {
+    /// The fingerprint this file records, if the run failed.
+    pub fn fingerprint(&self) -> Option<Fingerprint> {
+        Some(Fingerprint {
+            kind: self.violation.clone()?,
+            location: self.location.clone().unwrap_or_default(),
+        })
+    }
 }
 
 impl SeedFile {
@@ -88,6 +147,7 @@ impl SeedFile {
             decision_log: self.decision_log.clone(),
             scheduler: None,
             keep_trace: false,
+            swarm: false,
         }
     }
 }
@@ -98,6 +158,7 @@ impl Expected {
             outcome: result.outcome,
             trace_hash: result.trace_hash.clone(),
             violation: result.violations.first().map(|v| v.kind.clone()),
+            location: Fingerprint::of(result).map(|f| f.location),
         }
     }
 }

@@ -6,3 +6,4 @@ mod determinism;
 mod engine;
 mod executor;
 mod reclaim;
+mod sweep;
