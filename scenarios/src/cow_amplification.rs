@@ -121,6 +121,10 @@ impl Scenario for CowAmplification {
         for names in smaller_counts(params.names_per_task) {
             variant(&|p| p.names_per_task = names);
         }
+        // Commit more often: a failure in the commit comes sooner.
+        for every in smaller_counts(params.commit_every_ops).into_iter().filter(|&n| n >= 10) {
+            variant(&|p| p.commit_every_ops = every);
+        }
         smaller
     }
 

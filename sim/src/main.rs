@@ -153,6 +153,10 @@ struct RunArgs {
     /// On a violation, write a seed file into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write the run as a seed file to FILE, whatever its outcome (a fixed
+    /// bug's seed records that it now passes).
+    #[arg(long)]
+    save: Option<PathBuf>,
     /// Draw the seed's own world, as `sim sweep --swarm` does.
     #[arg(long, conflicts_with = "workload")]
     swarm: bool,
@@ -237,6 +241,10 @@ fn run_one(args: RunArgs) -> Result<ExitCode, String> {
         println!("{}", serde_json::to_string(&result).expect("result serializes"));
     } else {
         print!("{}", report::summary(&result));
+    }
+    if let Some(path) = &args.save {
+        SeedFile::from_result(&result, false).save(path)?;
+        eprintln!("seed file: {}", path.display());
     }
     if result.outcome == Outcome::Pass {
         return Ok(ExitCode::SUCCESS);

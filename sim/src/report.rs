@@ -59,6 +59,17 @@ pub fn list() -> String {
     out
 }
 
+/// Bytes in the largest binary unit that keeps them whole (or in bytes).
+fn bytes(n: u64) -> String {
+    match n {
+        0 => "0 B".to_string(),
+        n if n % (1 << 30) == 0 => format!("{} GiB", n >> 30),
+        n if n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
 fn ms(ns: u64) -> String {
     format!("{:.3} ms", ns as f64 / 1e6)
 }
@@ -81,12 +92,12 @@ pub fn summary(result: &RunResult) -> String {
     .collect();
     let _ = writeln!(
         out,
-        "world   scheduler {:?}  memory.high {} MiB  reclaim [{}]  device qd {} cache {} MiB",
+        "world   scheduler {:?}  memory budget {}  reclaim [{}]  device qd {} cache {}",
         world.scheduler,
-        world.memory.high_bytes >> 20,
+        bytes(world.memory.high_bytes),
         actors.join(" "),
         world.device.queue_depth,
-        world.device.cache_bytes >> 20,
+        bytes(world.device.cache_bytes),
     );
     let outcome = match result.outcome {
         Outcome::Pass => "PASS",
@@ -154,6 +165,21 @@ pub fn summary(result: &RunResult) -> String {
     }
     if result.outcome == Outcome::Violation {
         let _ = writeln!(out, "replay  {}", result.replay_command);
+    }
+    out
+}
+
+/// The deterministic report of a scenario kept as a snapshot under
+/// `reports/`: the run's summary, the coverage states it reached and, where
+/// given, the fix comparison. No wall-clock figure appears in it.
+pub fn scenario_report(result: &RunResult, comparison: Option<&crate::compare::Comparison>) -> String {
+    let mut out = summary(result);
+    let reached = crate::sweep::coverage(result);
+    let _ =
+        writeln!(out, "coverage {}", if reached.is_empty() { "-".to_string() } else { reached.join(" ") });
+    if let Some(comparison) = comparison {
+        out.push('\n');
+        out.push_str(&crate::compare::table(comparison));
     }
     out
 }

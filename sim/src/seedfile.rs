@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::runner::{Outcome, RunConfig, RunResult, RunSpec};
 
-/// Version 2 added `expected.location`; version 1 files still load.
+/// Version 2 added `expected.location` and `note`; version 1 files still load.
 pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -18,6 +18,9 @@ pub struct SeedFile {
     pub scenario: String,
     pub seed: u64,
     pub fix: String,
+    /// Why the file is kept (free text, e.g. the bug it reproduced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub config: RunConfig,
     /// The scheduler's decisions; replay follows them exactly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +104,7 @@ impl SeedFile {
             scenario: result.scenario.clone(),
             seed: result.seed,
             fix: result.fix.clone(),
+            note: None,
             config: result.config.clone(),
             decision_log: with_decision_log.then(|| result.decision_log.clone()),
             expected: Expected::of(result),
@@ -159,6 +163,58 @@ impl Expected {
             trace_hash: result.trace_hash.clone(),
             violation: result.violations.first().map(|v| v.kind.clone()),
             location: Fingerprint::of(result).map(|f| f.location),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = include_str!("../../seeds/cow-amplification-119-none.json");
+
+    fn one_line_error(text: &str) -> Result<(), TestCaseError> {
+        if let Err(error) = SeedFile::parse(text) {
+            prop_assert!(!error.contains('\n'), "a multi-line error: {error}");
+            prop_assert!(!error.is_empty());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_base_of_the_fuzzing_is_a_valid_file() {
+        let file = SeedFile::parse(VALID).unwrap();
+        assert_eq!(
+            file.expected.fingerprint().unwrap().to_string(),
+            "migrate_enospc in btrfs_insert_delayed_dir_index"
+        );
+    }
+
+    #[test]
+    fn locations_name_the_kernel_function_or_the_operation() {
+        let abort = "BTRFS: Transaction aborted (error -28) in btrfs_commit_transaction: transaction 5 forced read-only";
+        assert_eq!(location(abort), "btrfs_commit_transaction");
+        let migrate = "WARNING at delayed-inode.c btrfs_insert_delayed_dir_index: block_rsv_migrate of 262144 bytes failed";
+        assert_eq!(location(migrate), "btrfs_insert_delayed_dir_index");
+        assert_eq!(location("handle 5 (create, transaction 7) consumed 9 bytes"), "create");
+        assert_eq!(location("no operation finished for 120 s"), "");
+    }
+
+    proptest! {
+        // The parser is fuzzed: any text, and every cut or byte change of
+        // a valid file, gives a seed file or a one-line error, never a panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,400}") {
+            one_line_error(&text)?;
+        }
+
+        #[test]
+        fn cut_or_mutated_files_never_panic(cut in 0..VALID.len(), at in 0..VALID.len(), byte in any::<u8>()) {
+            one_line_error(&String::from_utf8_lossy(&VALID.as_bytes()[..cut]))?;
+            let mut bytes = VALID.as_bytes().to_vec();
+            bytes[at] = byte;
+            one_line_error(&String::from_utf8_lossy(&bytes))?;
         }
     }
 }

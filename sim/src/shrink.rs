@@ -30,6 +30,17 @@ pub struct Size {
 }
 
 impl Size {
+    /// No larger in operations, scheduling decisions and reclaim events,
+    /// and smaller in one of them.
+    pub fn smaller_than(&self, other: &Size) -> bool {
+        let (a, b) = (self.measures(), other.measures());
+        a.iter().zip(&b).all(|(x, y)| x <= y) && a != b
+    }
+
+    fn measures(&self) -> [u64; 3] {
+        [self.ops_completed, self.decisions, self.reclaim_events]
+    }
+
     pub fn of(result: &RunResult) -> Size {
         let reclaim_events = result
             .stats
@@ -79,7 +90,9 @@ fn smaller_worlds(world: &WorldConfig) -> Vec<WorldConfig> {
     smaller
 }
 
-/// Shrink the run of `file`, trying at most `max_runs` candidates;
+/// Shrink the run of `file`, trying at most `max_runs` candidates (a
+/// candidate is kept when it fails the same way and is [`Size::smaller_than`]
+/// the best so far);
 /// `tried(run, kept)` is told of each. An error: the file records a pass,
 /// or does not reproduce its fingerprint.
 pub fn shrink(file: &SeedFile, max_runs: u32, mut tried: impl FnMut(u32, bool)) -> Result<Shrunk, String> {
@@ -117,7 +130,7 @@ pub fn shrink(file: &SeedFile, max_runs: u32, mut tried: impl FnMut(u32, bool)) 
             }
             let candidate = RunSpec { params: Some(params), world: Some(world), ..spec.clone() };
             runs += 1;
-            let kept = attempt(&candidate)?;
+            let kept = attempt(&candidate)?.filter(|result| Size::of(result).smaller_than(&Size::of(&best)));
             tried(runs, kept.is_some());
             if let Some(result) = kept {
                 accepted += 1;

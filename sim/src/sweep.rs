@@ -673,10 +673,10 @@ pub fn known_fingerprints(dir: &Path) -> Result<BTreeSet<String>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     for entry in entries {
         let path = entry.map_err(|e| format!("cannot read {}: {e}", dir.display()))?.path();
-        if path.extension().is_some_and(|e| e == "json") {
-            if let Some(fingerprint) = SeedFile::load(&path)?.expected.fingerprint() {
-                known.insert(fingerprint.to_string());
-            }
+        if path.extension().is_some_and(|e| e == "json")
+            && let Some(fingerprint) = SeedFile::load(&path)?.expected.fingerprint()
+        {
+            known.insert(fingerprint.to_string());
         }
     }
     Ok(known)
@@ -744,7 +744,7 @@ impl Progress for StderrProgress {
         if let Some(bar) = &self.bar {
             bar.set_message(format!("{} failing", self.failing));
             bar.inc(1);
-        } else if self.finished % (self.todo / 20).max(1) == 0 || self.finished == self.todo {
+        } else if self.finished.is_multiple_of((self.todo / 20).max(1)) || self.finished == self.todo {
             let seconds = self.started.elapsed().as_secs_f64();
             eprintln!(
                 "sweep: {}/{} seeds, {} failing, {:.1} seeds/s",

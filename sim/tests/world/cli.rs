@@ -66,6 +66,29 @@ fn bad_input_is_one_line_and_exit_2() {
     assert_bad_input(&["check-determinism", "--seeds", "9..3"], "bad seed range");
     assert_bad_input(&["run", "--seed", "-4"], "");
     assert_bad_input(&["replay", "/nonexistent/seed.json"], "cannot read");
+    assert_bad_input(&["sweep", "--seeds", "0..4", "--shard", "4/4", "--out", "/tmp/x"], "bad shard '4/4'");
+    assert_bad_input(&["sweep", "--seeds", "0..4", "--canary", "2", "--out", "/tmp/x"], "bad --canary");
+    assert_bad_input(&["merge", "/nonexistent/sweep"], "is not a sweep directory");
+}
+
+#[test]
+fn sweep_directories_are_not_mixed_up() {
+    let dir = std::env::temp_dir().join(format!("cowsim-cli-sweep-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_string_lossy().into_owned();
+    let args = ["sweep", "--scenario", "device-stress", "--seeds", "0..3", "--out", &out];
+    let output = sim(&args);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("seeds  3 run, 3 pass, 0 violation"));
+    assert_bad_input(&args, "already holds a sweep; pass --resume");
+    let other = ["sweep", "--scenario", "device-stress", "--seeds", "0..5", "--out", &out, "--resume"];
+    assert_bad_input(&other, "--resume needs the same arguments");
+    let mut resumed = args.to_vec();
+    resumed.push("--resume");
+    assert_eq!(sim(&resumed).status.code(), Some(0), "nothing left to run is a success");
+    std::fs::write(dir.join("results.jsonl"), "{\"seed\": 1}\n").unwrap();
+    assert_bad_input(&resumed, "line 1: corrupt result");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

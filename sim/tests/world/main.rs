@@ -2,8 +2,11 @@
 
 mod cli;
 mod compare;
+mod corpus;
 mod determinism;
 mod engine;
 mod executor;
 mod reclaim;
+mod reports;
+mod shrink;
 mod sweep;
