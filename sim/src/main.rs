@@ -105,7 +105,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Combine sweep directories (shards) into one summary (exit 1 on a violation not in --known).
+    /// Combine sweep directories (shards) into one summary. Exit 1 on any violation or, with
+    /// --known, on a failure no known seed file has, a diverged canary, or missing seeds or shards.
     Merge {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
@@ -364,11 +365,17 @@ fn merge(dirs: &[PathBuf], known: Option<&std::path::Path>, json: bool) -> Resul
     if !summary.canary_diverged.is_empty() {
         eprintln!("NONDETERMINISM: seeds {:?} gave two different traces", summary.canary_diverged);
     }
-    Ok(if new.is_empty() && summary.canary_diverged.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if summary.seeds_missing > 0 || !summary.shards_missing.is_empty() {
+        eprintln!(
+            "INCOMPLETE: {} seeds without a result, shards missing: {:?}",
+            summary.seeds_missing, summary.shards_missing
+        );
+    }
+    let judged = new.is_empty()
+        && summary.canary_diverged.is_empty()
+        && summary.seeds_missing == 0
+        && summary.shards_missing.is_empty();
+    Ok(if judged { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn shrink(file: &std::path::Path, max_runs: u32, out: Option<PathBuf>) -> Result<ExitCode, String> {

@@ -509,6 +509,8 @@ pub struct Summary {
     pub seeds_run: u64,
     /// Seeds of the shards combined that have no result yet.
     pub seeds_missing: u64,
+    /// Shards of the sweep (all of one count N) that were not combined.
+    pub shards_missing: Vec<String>,
     pub passes: u64,
     pub failing_seeds: Vec<u64>,
     /// For every violation kind, the seeds that reported it.
@@ -533,6 +535,14 @@ impl Summary {
             range.len()
         } else {
             shards.iter().map(|shard| shard.seeds(range).count() as u64).sum()
+        };
+        let shards_missing = match shards.first() {
+            Some(first) if shards.iter().all(|s| s.count == first.count) => (0..first.count)
+                .map(|index| Shard { index, count: first.count })
+                .filter(|shard| !shards.contains(shard))
+                .map(|shard| shard.to_string())
+                .collect(),
+            _ => Vec::new(),
         };
         let mut kinds = BTreeMap::new();
         let mut fingerprints: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -566,6 +576,7 @@ impl Summary {
             shards: shards.iter().map(Shard::to_string).collect(),
             seeds_run: lines.len() as u64,
             seeds_missing: expected.saturating_sub(lines.len() as u64),
+            shards_missing,
             passes: lines.iter().filter(|l| l.outcome == Outcome::Pass).count() as u64,
             failing_seeds: lines.iter().filter(|l| l.outcome == Outcome::Violation).map(|l| l.seed).collect(),
             violation_kind_seeds: kinds,
@@ -607,6 +618,9 @@ pub fn summary_text(summary: &Summary) -> String {
             String::new()
         }
     );
+    if !summary.shards_missing.is_empty() {
+        let _ = writeln!(out, "MISSING shards {}", summary.shards_missing.join(" "));
+    }
     if !summary.violation_kind_seeds.is_empty() {
         let kinds: Vec<String> =
             summary.violation_kind_seeds.iter().map(|(kind, seeds)| format!("{kind} {seeds}")).collect();

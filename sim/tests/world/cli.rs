@@ -86,6 +86,8 @@ fn sweep_directories_are_not_mixed_up() {
     let mut resumed = args.to_vec();
     resumed.push("--resume");
     assert_eq!(sim(&resumed).status.code(), Some(0), "nothing left to run is a success");
+    let merged = sim(&["merge", &out, "--known", "/nonexistent"]);
+    assert_eq!(merged.status.code(), Some(2), "{}", stderr(&merged));
     std::fs::write(dir.join("results.jsonl"), "{\"seed\": 1}\n").unwrap();
     assert_bad_input(&resumed, "line 1: corrupt result");
     let _ = std::fs::remove_dir_all(&dir);
@@ -153,4 +155,32 @@ fn list_names_scenarios_and_fixes() {
     for fix in ["none", "search-pin", "overwrite-written", "inhibit-writeback", "both"] {
         assert!(text.contains(fix), "{text}");
     }
+}
+
+#[test]
+fn merge_fails_only_on_a_failure_no_known_seed_file_has() {
+    let dir = std::env::temp_dir().join(format!("cowsim-cli-known-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (out, known, empty) = (dir.join("sweep"), dir.join("known"), dir.join("empty"));
+    std::fs::create_dir_all(&known).unwrap();
+    std::fs::create_dir_all(&empty).unwrap();
+    let out_arg = out.to_string_lossy().into_owned();
+    // Seed 2 of none aborts in the commit, as the shrunk seed file in seeds/ records.
+    let swept = sim(&["sweep", "--seeds", "2", "--fix", "none", "--out", &out_arg]);
+    assert_eq!(swept.status.code(), Some(1), "{}", stderr(&swept));
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../seeds/cow-amplification-2-none-shrunk.json"),
+        known.join("known.json"),
+    )
+    .unwrap();
+    let merged = sim(&["merge", &out_arg, "--known", &known.to_string_lossy()]);
+    assert_eq!(merged.status.code(), Some(0), "a known failure: {}", stderr(&merged));
+    let merged = sim(&["merge", &out_arg, "--known", &empty.to_string_lossy()]);
+    assert_eq!(merged.status.code(), Some(1));
+    assert!(
+        stderr(&merged).contains("NEW failure: enospc_abort in btrfs_commit_transaction"),
+        "{}",
+        stderr(&merged)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -116,8 +116,10 @@ fn a_killed_sweep_resumes_and_shards_merge_to_the_uninterrupted_result() {
     }
     let partial = merge(&shards[..1]).unwrap();
     assert_eq!(partial.seeds_missing, 0, "one shard alone is complete as a shard");
+    assert_eq!(partial.shards_missing, ["1/2"]);
     let merged: Summary = merge(&shards).unwrap();
     assert_eq!(Summary { shards: vec!["0/1".to_string()], ..merged.clone() }, uninterrupted.summary);
+    assert!(merged.shards_missing.is_empty());
     assert_eq!(merged.shards, ["0/2", "1/2"]);
     let mut merged_lines: Vec<SeedLine> = shards.iter().flat_map(|d| lines(d)).collect();
     merged_lines.sort_by_key(|l| l.seed);
