@@ -264,7 +264,9 @@ fn replay(file: PathBuf, json: bool, trace: bool) -> Result<ExitCode, String> {
     init_tracing(trace);
     let seed_file = SeedFile::load(&file)?;
     let scenario = scenarios::by_name(&seed_file.scenario)?;
-    let result = run(&seed_file.spec(), &*scenario)?;
+    let mut result = run(&seed_file.spec(), &*scenario)?;
+    // The file, not the seed alone, reproduces this run (its configuration may be shrunk).
+    result.replay_command = format!("cargo run --release --bin sim -- replay {}", file.display());
     let got = Expected::of(&result);
     if json {
         println!("{}", serde_json::to_string(&result).expect("result serializes"));

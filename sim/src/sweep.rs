@@ -391,8 +391,12 @@ fn open_dir(dir: &Path, manifest: &Manifest, resume: bool) -> Result<BTreeMap<u6
         return Ok(lines.into_iter().map(|line| (line.seed, line)).collect());
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Written whole or not at all (a rename), so that a process killed here
+    // leaves a directory a new sweep can start in, not half a manifest.
     let text = serde_json::to_string_pretty(manifest).expect("a manifest serializes") + "\n";
-    std::fs::write(&manifest_path, text)
+    let partial = dir.join(format!("{MANIFEST}.partial"));
+    std::fs::write(&partial, text)
+        .and_then(|()| std::fs::rename(&partial, &manifest_path))
         .map_err(|e| format!("cannot write {}: {e}", manifest_path.display()))?;
     Ok(BTreeMap::new())
 }

@@ -132,6 +132,16 @@ fn replay_reproduces_a_saved_run() {
 }
 
 #[test]
+fn replaying_a_shrunk_seed_file_names_the_file_to_replay() {
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../seeds/cow-amplification-2-none-shrunk.json");
+    let replay = sim(&["replay", file]);
+    assert_eq!(replay.status.code(), Some(1), "it records a failure: {}", stderr(&replay));
+    assert!(stderr(&replay).contains("replay reproduced"), "{}", stderr(&replay));
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(stdout.contains(&format!("replay  cargo run --release --bin sim -- replay {file}")), "{stdout}");
+}
+
+#[test]
 fn workload_files_run_and_bad_ones_name_the_line() {
     let dir = std::env::temp_dir().join(format!("cowsim-workload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
