@@ -45,13 +45,8 @@ enum Command {
     List,
     /// Run every seed twice and compare traces.
     CheckDeterminism {
-        #[arg(long, default_value = scenarios::DEFAULT_SCENARIO)]
-        scenario: String,
-        /// Seeds as A..B (B excluded) or a single N.
-        #[arg(long)]
-        seeds: String,
-        #[arg(long, default_value = "none")]
-        fix: String,
+        #[command(flatten)]
+        seeds: SeedsArgs,
         /// random, pct, pct:DEPTH or pct:DEPTH:STEPS (default: the seed's configuration).
         #[arg(long)]
         scheduler: Option<String>,
@@ -76,13 +71,8 @@ enum Command {
     /// Run many seeds of one fix, appending one JSON line per seed to DIR/results.jsonl
     /// (exit 1 if any seed failed).
     Sweep {
-        #[arg(long, default_value = scenarios::DEFAULT_SCENARIO)]
-        scenario: String,
-        /// Seeds as A..B (B excluded) or a single N.
-        #[arg(long)]
-        seeds: String,
-        #[arg(long, default_value = "none")]
-        fix: String,
+        #[command(flatten)]
+        seeds: SeedsArgs,
         /// Seeds run at once, each on a fresh thread.
         #[arg(long, default_value_t = 2)]
         jobs: usize,
@@ -126,6 +116,18 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// A scenario, a range of seeds and one fix.
+#[derive(Args)]
+struct SeedsArgs {
+    #[arg(long, default_value = scenarios::DEFAULT_SCENARIO)]
+    scenario: String,
+    /// Seeds as A..B (B excluded) or a single N.
+    #[arg(long)]
+    seeds: String,
+    #[arg(long, default_value = "none")]
+    fix: String,
 }
 
 #[derive(Args)]
@@ -173,13 +175,22 @@ fn main() -> ExitCode {
             print!("{}", report::list());
             Ok(ExitCode::SUCCESS)
         }
-        Some(Command::CheckDeterminism { scenario, seeds, fix, scheduler }) => {
-            check_determinism(&scenario, &seeds, &fix, scheduler.as_deref())
+        Some(Command::CheckDeterminism { seeds, scheduler }) => {
+            check_determinism(&seeds.scenario, &seeds.seeds, &seeds.fix, scheduler.as_deref())
         }
         Some(Command::Compare { scenario, seeds, fixes, jobs, json }) => {
             compare_fixes(scenario, &seeds, fixes.as_deref(), jobs, json)
         }
-        Some(Command::Sweep { scenario, seeds, fix, jobs, shard, swarm, canary, out, resume, json }) => {
+        Some(Command::Sweep {
+            seeds: SeedsArgs { scenario, seeds, fix },
+            jobs,
+            shard,
+            swarm,
+            canary,
+            out,
+            resume,
+            json,
+        }) => {
             init_tracing(false);
             sim::pool::capture_panics();
             let spec = (|| {
