@@ -70,12 +70,13 @@ impl std::fmt::Display for Fingerprint {
 }
 
 /// Where a violation message says it was raised: the first kernel function
-/// it names (a word starting with `btrfs_`, as in the kernel's WARNINGs and
+/// it names (a word starting with `btrfs_` or `__btrfs_`, as in the kernel's WARNINGs and
 /// abort messages), else the operation it names in parentheses, else
 /// nothing. Numbers never take part.
 pub fn location(message: &str) -> String {
     let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    if let Some(function) = message.split(|c: char| !is_word(c)).find(|w| w.starts_with("btrfs_")) {
+    let kernel_function = |w: &&str| w.trim_start_matches('_').starts_with("btrfs_");
+    if let Some(function) = message.split(|c: char| !is_word(c)).find(kernel_function) {
         return function.to_string();
     }
     message
@@ -195,6 +196,8 @@ mod tests {
     fn locations_name_the_kernel_function_or_the_operation() {
         let abort = "BTRFS: Transaction aborted (error -28) in btrfs_commit_transaction: transaction 5 forced read-only";
         assert_eq!(location(abort), "btrfs_commit_transaction");
+        let inner = "BTRFS: Transaction aborted (error -28) in __btrfs_run_delayed_items: transaction 5";
+        assert_eq!(location(inner), "__btrfs_run_delayed_items", "not the '(error' before it");
         let migrate = "WARNING at delayed-inode.c btrfs_insert_delayed_dir_index: block_rsv_migrate of 262144 bytes failed";
         assert_eq!(location(migrate), "btrfs_insert_delayed_dir_index");
         assert_eq!(location("handle 5 (create, transaction 7) consumed 9 bytes"), "create");
