@@ -192,21 +192,19 @@ pub fn compare(spec: &CompareSpec) -> Result<Comparison, String> {
         .checked_mul(spec.fixes.len() as u64)
         .filter(|&total| usize::try_from(total).is_ok())
         .ok_or_else(|| format!("seed range {}..{} is too large", spec.seeds.start, spec.seeds.end))?;
-    // Work items in (fix, seed) order; results are keyed by that order.
-    let work: Vec<(usize, u64)> =
-        (0..spec.fixes.len()).flat_map(|fix| spec.seeds.iter().map(move |seed| (fix, seed))).collect();
+    // Work items in (fix, seed) order, made as threads free up.
+    let work = (0..spec.fixes.len()).flat_map(|fix| spec.seeds.iter().map(move |seed| (fix, seed)));
     let mut by_fix: Vec<BTreeMap<u64, RunSummary>> = vec![BTreeMap::new(); spec.fixes.len()];
     let mut error = None;
     pool::for_each_parallel(
         spec.jobs,
-        &work,
+        work,
         "compare",
         |&(fix, seed)| {
             let scenario = scenarios::by_name(&spec.scenario)?;
             run_one(&*scenario, &RunSpec::new(&spec.scenario, seed, spec.fixes[fix]))
         },
-        |index, summary| {
-            let (fix, seed) = work[index];
+        |index, (fix, seed), summary| {
             match summary {
                 Ok(summary) => {
                     by_fix[fix].insert(seed, summary);

@@ -7,7 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use scenarios::Scenario;
 
@@ -78,52 +78,66 @@ pub fn run_caught(scenario: &dyn Scenario, spec: &RunSpec) -> Result<Caught, Str
 }
 
 /// Run `work` on every item, each on a fresh thread, at most `jobs` at a
-/// time, claiming items in order. `done(index, result)` runs on the calling
-/// thread as each finishes (not in order); when it returns false no new item
-/// is started and the items already running are finished and handed over.
-/// Fails only if no thread can be started.
+/// time, taking items from `items` in order only as threads free up (a huge
+/// range costs no memory up front). `done(position, item, result)` runs on
+/// the calling thread as each finishes (not in order; `position` is the
+/// item's place in `items`); when it returns false no new item is started
+/// and the items already running are finished and handed over. Fails only
+/// if no thread can be started.
 pub fn for_each_parallel<T, R>(
     jobs: usize,
-    items: &[T],
+    items: impl IntoIterator<Item = T>,
     name: &str,
     work: impl Fn(&T) -> R + Sync,
-    mut done: impl FnMut(usize, R) -> bool,
+    mut done: impl FnMut(usize, T, R) -> bool,
 ) -> Result<(), String>
 where
-    T: Sync,
+    T: Send,
     R: Send,
 {
     assert!(jobs > 0, "at least one job");
+    let mut items = items.into_iter().enumerate();
+    // An item whose thread could not be started, to try again first.
+    let mut pending: Option<(usize, T)> = None;
     std::thread::scope(|scope| {
-        let (sender, receiver) = mpsc::channel::<(usize, R)>();
+        let (sender, receiver) = mpsc::channel::<(usize, T, R)>();
         let work = &work;
-        let (mut next, mut running, mut go_on) = (0, 0, true);
+        let (mut running, mut go_on) = (0, true);
         loop {
-            while go_on && running < jobs && next < items.len() {
-                let (index, sender) = (next, sender.clone());
-                let builder =
-                    std::thread::Builder::new().name(format!("{name}-{index}")).stack_size(RUN_STACK_BYTES);
+            while go_on && running < jobs {
+                let Some((position, item)) = pending.take().or_else(|| items.next()) else { break };
+                let sender = sender.clone();
+                let builder = std::thread::Builder::new()
+                    .name(format!("{name}-{position}"))
+                    .stack_size(RUN_STACK_BYTES);
+                // The item moves into the thread through this slot (so that a
+                // failed start gives it back) and returns with its result.
+                let slot = Arc::new(Mutex::new(Some(item)));
+                let thread_slot = slot.clone();
                 let spawned = builder.spawn_scoped(scope, move || {
-                    let result = work(&items[index]);
+                    let item = thread_slot.lock().unwrap_or_else(|p| p.into_inner()).take().expect("an item");
+                    let result = work(&item);
                     // The receiver outlives every sender: this cannot fail.
-                    let _ = sender.send((index, result));
+                    let _ = sender.send((position, item, result));
                 });
                 match spawned {
-                    Ok(_) => {
-                        next += 1;
-                        running += 1;
-                    }
+                    Ok(_) => running += 1,
                     Err(e) if running == 0 => return Err(format!("cannot start a thread: {e}")),
-                    // Out of threads for now: wait for one to finish.
-                    Err(_) => break,
+                    Err(_) => {
+                        // Out of threads for now: wait for one to finish.
+                        let item =
+                            slot.lock().unwrap_or_else(|p| p.into_inner()).take().expect("not started");
+                        pending = Some((position, item));
+                        break;
+                    }
                 }
             }
             if running == 0 {
                 return Ok(());
             }
-            let (index, result) = receiver.recv().expect("a running thread holds a sender");
+            let (position, item, result) = receiver.recv().expect("a running thread holds a sender");
             running -= 1;
-            go_on &= done(index, result);
+            go_on &= done(position, item, result);
         }
     })
 }
@@ -138,11 +152,12 @@ mod tests {
         let mut seen = Vec::new();
         for_each_parallel(
             3,
-            &items,
+            items.iter().copied(),
             "test",
             |&i| i * 2,
-            |index, result| {
-                seen.push((index, result));
+            |position, item, result| {
+                assert_eq!(position as u32, item);
+                seen.push((position, result));
                 true
             },
         )
@@ -153,15 +168,18 @@ mod tests {
         let mut handed = 0;
         for_each_parallel(
             1,
-            &items,
+            0..u64::MAX,
             "test",
             |&i| i,
-            |_, _| {
+            |_, _, _| {
                 handed += 1;
                 handed < 5
             },
         )
         .unwrap();
-        assert_eq!(handed, 5, "one job: nothing runs after the fifth result is refused");
+        assert_eq!(
+            handed, 5,
+            "one job: nothing runs after the fifth result is refused, and the range is never built"
+        );
     }
 }

@@ -239,21 +239,23 @@ pub fn sweep(spec: &SweepSpec, progress: &mut dyn Progress) -> Result<SweepOutco
     let manifest = spec.manifest();
     let dir = &spec.out;
     let mut done = open_dir(dir, &manifest, spec.resume)?;
-    let todo: Vec<u64> = spec.shard.seeds(spec.seeds).filter(|seed| !done.contains_key(seed)).collect();
+    let finished_before: BTreeSet<u64> = done.keys().copied().collect();
+    let todo = spec.shard.seeds(spec.seeds).filter(|seed| !finished_before.contains(seed));
+    let todo_count = spec.shard.seeds(spec.seeds).count() as u64 - finished_before.len() as u64;
     let mut results = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(RESULTS))
         .map_err(|e| format!("cannot open {}: {e}", dir.join(RESULTS).display()))?;
     let started = Instant::now();
-    progress.start(todo.len() as u64, done.len() as u64);
+    progress.start(todo_count, finished_before.len() as u64);
     let mut error = None;
     pool::for_each_parallel(
         spec.jobs,
-        &todo,
+        todo,
         "sweep",
         |&seed| run_seed(spec, seed),
-        |index, outcome| {
+        |_, seed, outcome| {
             let line = outcome.and_then(|(mut line, result)| {
                 if let Some(result) = result {
                     line.seed_file = Some(save_seed_file(dir, &result)?);
@@ -272,7 +274,7 @@ pub fn sweep(spec: &SweepSpec, progress: &mut dyn Progress) -> Result<SweepOutco
                     true
                 }
                 Err(e) => {
-                    error.get_or_insert(format!("seed {}: {e}", todo[index]));
+                    error.get_or_insert(format!("seed {seed}: {e}"));
                     false
                 }
             }
@@ -284,7 +286,7 @@ pub fn sweep(spec: &SweepSpec, progress: &mut dyn Progress) -> Result<SweepOutco
     }
     let lines: Vec<SeedLine> = done.into_values().collect();
     let summary = Summary::of(std::slice::from_ref(&manifest), &lines);
-    Ok(SweepOutcome { summary, ran: todo.len() as u64, elapsed: started.elapsed(), lines })
+    Ok(SweepOutcome { summary, ran: todo_count, elapsed: started.elapsed(), lines })
 }
 
 /// Run one seed (twice for a canary): its line, and the result when it
