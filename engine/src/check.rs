@@ -12,7 +12,13 @@
 //! - the space accounting: each block group's BLOCK_GROUP_ITEM `used`
 //!   equals the extents allocated in it;
 //! - the namespace: DIR_ITEM, DIR_INDEX and INODE_REF agree, link counts,
-//!   directory sizes, every name points at an inode that exists.
+//!   directory sizes, every name points at an inode that exists;
+//! - file data: file extents of an inode do not overlap, an inline extent
+//!   is the file's first, each inode's `nbytes` is what its extents hold;
+//!   every regular file extent names a data EXTENT_ITEM whose inline
+//!   EXTENT_DATA_REF counts equal the file extents that reference it (and
+//!   none is left unreferenced); every sector of every data extent has
+//!   exactly one checksum and no checksum lies outside a data extent.
 //!
 //! It never repairs: every finding is a line in [`CheckReport::errors`].
 
@@ -81,6 +87,11 @@ struct Gathered {
     metadata_items: BTreeMap<u64, (u8, Option<u64>)>,
     /// Extent tree: data extents (EXTENT_ITEM) bytenr -> length.
     data_extents: BTreeMap<u64, u64>,
+    /// Extent tree: the references each data extent records, (root,
+    /// inode, offset) -> count, and its `refs`.
+    data_refs: BTreeMap<u64, (u64, BTreeMap<(u64, u64, u64), u64>)>,
+    /// Csum tree: item start -> sums.
+    csums: BTreeMap<u64, u64>,
     block_group_items: Vec<(u64, u64, BlockGroupItem)>,
     /// Top fs tree items.
     fs_items: Vec<(Key, Vec<u8>)>,
@@ -100,6 +111,7 @@ pub async fn check_fs(fs: &Rc<FsInfo>) -> CheckReport {
         report.trees.insert(root.objectid, shape);
     }
     check_extents(fs, &gathered, &mut report.errors);
+    check_file_data(fs, &gathered, &mut report.errors);
     check_namespace(&gathered.fs_items, &mut report);
     report
 }
@@ -190,6 +202,22 @@ fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, err
             },
             EXTENT_ITEM_KEY => {
                 gathered.data_extents.insert(key.objectid, key.offset);
+                match ExtentItem::read(payload, EXTENT_ITEM_KEY) {
+                    Ok(item) if item.flags & crate::format::EXTENT_FLAG_DATA != 0 => {
+                        let mut refs = BTreeMap::new();
+                        for inline in &item.inline_refs {
+                            match inline {
+                                InlineRef::ExtentData(r) => {
+                                    *refs.entry((r.root, r.objectid, r.offset)).or_insert(0) += u64::from(r.count);
+                                }
+                                other => errors.push(format!("data extent {key} has a {other:?} reference")),
+                            }
+                        }
+                        gathered.data_refs.insert(key.objectid, (item.refs, refs));
+                    }
+                    Ok(_) => {}
+                    Err(error) => errors.push(format!("extent tree: EXTENT_ITEM {key}: {error:?}")),
+                }
             }
             BLOCK_GROUP_ITEM_KEY if payload.len() >= BlockGroupItem::SIZE => {
                 gathered.block_group_items.push((key.objectid, key.offset, BlockGroupItem::read(payload)));
@@ -198,6 +226,8 @@ fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, err
         }
     } else if tree == crate::format::FS_TREE_OBJECTID {
         gathered.fs_items.push((key, payload.to_vec()));
+    } else if tree == crate::format::CSUM_TREE_OBJECTID && key.item_type == crate::format::EXTENT_CSUM_KEY {
+        gathered.csums.insert(key.offset, (payload.len() / crate::format::CRC32C_CSUM_SIZE) as u64);
     }
 }
 
@@ -237,6 +267,110 @@ fn check_extents(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
                 item.used,
                 metadata + data
             ));
+        }
+    }
+}
+
+/// File extents against inodes, data extent items and checksums.
+fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
+    use crate::format::{EXTENT_DATA_KEY, FileExtentBody, FileExtentItem, FS_TREE_OBJECTID};
+    let sector = u64::from(fs.sectorsize);
+    let mut nbytes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut last_end: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut found_refs: BTreeMap<u64, BTreeMap<(u64, u64, u64), u64>> = BTreeMap::new();
+    for (key, payload) in &gathered.fs_items {
+        if key.item_type != EXTENT_DATA_KEY {
+            continue;
+        }
+        let item = match FileExtentItem::read(payload) {
+            Ok(item) => item,
+            Err(error) => {
+                errors.push(format!("file extent {key}: {error:?}"));
+                continue;
+            }
+        };
+        let (end, bytes) = match &item.body {
+            FileExtentBody::Inline(data) => {
+                if key.offset != 0 {
+                    errors.push(format!("inode {}: inline extent at offset {}", key.objectid, key.offset));
+                }
+                (key.offset + sector, data.len() as u64)
+            }
+            FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, num_bytes } => {
+                if *disk_bytenr != 0 {
+                    *found_refs
+                        .entry(*disk_bytenr)
+                        .or_default()
+                        .entry((FS_TREE_OBJECTID, key.objectid, key.offset - offset))
+                        .or_insert(0) += 1;
+                    match gathered.data_extents.get(disk_bytenr) {
+                        Some(len) if len == disk_num_bytes => {}
+                        other => errors.push(format!(
+                            "file extent {key} names data extent {disk_bytenr}+{disk_num_bytes}; the extent tree has {other:?}"
+                        )),
+                    }
+                    if offset + num_bytes > *disk_num_bytes {
+                        errors.push(format!("file extent {key} reaches past its data extent"));
+                    }
+                }
+                (key.offset + num_bytes, if *disk_bytenr != 0 { *num_bytes } else { 0 })
+            }
+        };
+        let prev_end = last_end.insert(key.objectid, end).unwrap_or(0);
+        if key.offset < prev_end {
+            errors.push(format!("inode {}: file extent at {} overlaps the previous one (ends {prev_end})", key.objectid, key.offset));
+        }
+        *nbytes.entry(key.objectid).or_insert(0) += bytes;
+    }
+    for (key, payload) in &gathered.fs_items {
+        if key.item_type == INODE_ITEM_KEY && payload.len() >= InodeItem::SIZE {
+            let inode = InodeItem::read(payload);
+            let found = nbytes.get(&key.objectid).copied().unwrap_or(0);
+            if inode.mode & crate::inode::S_IFMT != crate::inode::S_IFDIR && inode.nbytes != found {
+                errors.push(format!("inode {}: nbytes {} but its extents hold {found}", key.objectid, inode.nbytes));
+            }
+        }
+    }
+    for (&bytenr, (refs, inline)) in &gathered.data_refs {
+        let found = found_refs.remove(&bytenr).unwrap_or_default();
+        if found != *inline {
+            errors.push(format!("data extent {bytenr}: backrefs {inline:?} but file extents {found:?}"));
+        }
+        if *refs != inline.values().sum::<u64>() {
+            errors.push(format!("data extent {bytenr}: refs {refs} but its backrefs count {}", inline.values().sum::<u64>()));
+        }
+    }
+    for (bytenr, refs) in found_refs {
+        if !gathered.data_refs.contains_key(&bytenr) {
+            errors.push(format!("data extent {bytenr} referenced by {refs:?} has no data EXTENT_ITEM"));
+        }
+    }
+    // Sums: exactly the sectors of the data extents.
+    let mut covered: BTreeMap<u64, u64> = BTreeMap::new();
+    for (&start, &sums) in &gathered.csums {
+        covered.insert(start, start + sums * sector);
+    }
+    let mut prev_end = 0;
+    for (&start, &end) in &covered {
+        if start < prev_end {
+            errors.push(format!("csum item at {start} overlaps the previous one"));
+        }
+        prev_end = end;
+        let inside = gathered
+            .data_refs
+            .range(..=start)
+            .next_back()
+            .and_then(|(bytenr, _)| gathered.data_extents.get(bytenr).map(|len| (*bytenr, bytenr + len)))
+            .is_some_and(|(_, extent_end)| end <= extent_end);
+        if !inside {
+            errors.push(format!("csum item {start}..{end} lies outside every data extent"));
+        }
+    }
+    for &bytenr in gathered.data_refs.keys() {
+        let len = gathered.data_extents[&bytenr];
+        let have: u64 = covered.range(bytenr..bytenr + len).map(|(s, e)| e - s).sum();
+        if have != len {
+            errors.push(format!("data extent {bytenr}+{len}: checksums cover {have} bytes"));
         }
     }
 }

@@ -7,8 +7,14 @@
 //! the extent tree; those searches COW extent tree blocks, which queue more
 //! changes, so the commit runs them until none is left.
 //!
-//! Departures: only tree block references of unshared trees (no shared
-//! FULL_BACKREF refs, no data refs yet); a head is processed in bytenr order.
+//! Data extents queue changes too: each file extent item inserted or
+//! dropped adds or removes one reference keyed by (root, inode, file offset
+//! minus extent offset), the kernel's EXTENT_DATA_REF; they merge per extent
+//! and per key, and running them inserts, updates or deletes the data
+//! EXTENT_ITEM (and, when the last reference goes, the extent's checksums).
+//!
+//! Departures: tree block references of unshared trees only (no shared
+//! FULL_BACKREF refs); heads run in bytenr order, tree and data alike.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -30,6 +36,7 @@ pub struct RefHead {
 #[derive(Default)]
 pub struct DelayedRefRoot {
     heads: RefCell<BTreeMap<u64, RefHead>>,
+    data_heads: RefCell<BTreeMap<u64, DataRefHead>>,
     /// Reference changes queued over the transaction's life.
     pub queued: Cell<u64>,
     /// Heads run (items inserted or deleted) over the transaction's life.
@@ -42,7 +49,7 @@ impl DelayedRefRoot {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.heads.borrow().is_empty()
+        self.heads.borrow().is_empty() && self.data_heads.borrow().is_empty()
     }
 
     /// Queue an allocation (+1) or a free (-1) of the tree block at `bytenr`.
@@ -78,6 +85,74 @@ impl DelayedRefRoot {
     pub fn pop_first(&self) -> Option<RefHead> {
         self.heads.borrow_mut().pop_first().map(|(_, head)| head)
     }
+
+    /// Queue one more (`delta` +1) or one less (-1) reference of the data
+    /// extent `bytenr`+`num_bytes` from file extents of `key`; `allocated`:
+    /// the extent was allocated in this transaction and has no EXTENT_ITEM
+    /// yet (`must_insert_reserved`).
+    pub fn add_data_ref(&self, bytenr: u64, num_bytes: u64, key: DataRefKey, delta: i64, allocated: bool) {
+        self.queued.set(self.queued.get() + 1);
+        let mut heads = self.data_heads.borrow_mut();
+        let head = heads.entry(bytenr).or_insert(DataRefHead {
+            bytenr,
+            num_bytes,
+            refs: BTreeMap::new(),
+            must_insert_reserved: false,
+        });
+        assert_eq!(head.num_bytes, num_bytes, "data extent {bytenr} queued with two lengths");
+        if allocated {
+            assert!(!head.must_insert_reserved, "data extent {bytenr} allocated twice");
+            head.must_insert_reserved = true;
+        }
+        let count = head.refs.entry(key).or_insert(0);
+        *count += delta;
+        if *count == 0 {
+            head.refs.remove(&key);
+        }
+    }
+
+    /// The queued change of the lowest extent, tree block or data.
+    pub fn pop_first_any(&self) -> Option<Head> {
+        let tree = self.heads.borrow().keys().next().copied();
+        let data = self.data_heads.borrow().keys().next().copied();
+        match (tree, data) {
+            (Some(t), Some(d)) if d < t => self.data_heads.borrow_mut().pop_first().map(|(_, h)| Head::Data(h)),
+            (Some(_), _) => self.pop_first().map(Head::Tree),
+            (None, Some(_)) => self.data_heads.borrow_mut().pop_first().map(|(_, h)| Head::Data(h)),
+            (None, None) => None,
+        }
+    }
+
+    /// Data heads queued and not yet run.
+    pub fn data_len(&self) -> usize {
+        self.data_heads.borrow().len()
+    }
+}
+
+/// Who references a data extent: the kernel's `btrfs_extent_data_ref`
+/// without its count (tree, inode, file offset of the extent's start).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DataRefKey {
+    pub root: u64,
+    pub objectid: u64,
+    pub offset: u64,
+}
+
+/// The net changes queued for one data extent (a data `btrfs_delayed_ref_head`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataRefHead {
+    pub bytenr: u64,
+    pub num_bytes: u64,
+    /// Net reference change per referencing key; zeros are dropped.
+    pub refs: BTreeMap<DataRefKey, i64>,
+    pub must_insert_reserved: bool,
+}
+
+/// A queued head of either kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Head {
+    Tree(RefHead),
+    Data(DataRefHead),
 }
 
 #[cfg(test)]
@@ -106,6 +181,23 @@ mod tests {
         refs.add_tree_ref(16384, 1, 2, true);
         let head = refs.pop_first().unwrap();
         assert_eq!((head.root, head.level, head.ref_mod, head.must_insert_reserved), (2, 1, 1, true));
+    }
+
+    #[test]
+    fn data_refs_merge_per_key_and_run_in_bytenr_order_with_tree_blocks() {
+        let refs = DelayedRefRoot::default();
+        let key = DataRefKey { root: 5, objectid: 257, offset: 0 };
+        refs.add_data_ref(1 << 20, 8192, key, 1, true);
+        refs.add_data_ref(1 << 20, 8192, key, 1, false);
+        refs.add_data_ref(1 << 20, 8192, DataRefKey { offset: 4096, ..key }, 1, false);
+        refs.add_data_ref(1 << 20, 8192, DataRefKey { offset: 4096, ..key }, -1, false);
+        refs.add_tree_ref(2 << 20, 0, 5, true);
+        assert_eq!(refs.data_len(), 1);
+        let Some(Head::Data(head)) = refs.pop_first_any() else { panic!("the data head is lower") };
+        assert!(head.must_insert_reserved);
+        assert_eq!(head.refs.into_iter().collect::<Vec<_>>(), vec![(key, 2)]);
+        assert!(matches!(refs.pop_first_any(), Some(Head::Tree(_))));
+        assert!(refs.pop_first_any().is_none() && refs.is_empty());
     }
 
     #[test]

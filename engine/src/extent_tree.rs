@@ -11,7 +11,7 @@ use crate::accessors::{NewBlockHeader, init_tree_block};
 use crate::block_group::type_flags;
 use crate::block_rsv::{BlockRsv, BlockRsvType, RsvUse, unuse_block_rsv, use_block_rsv};
 use crate::ctree::{Path, Root, del_items, insert_item, search_slot};
-use crate::delayed_ref::RefHead;
+use crate::delayed_ref::{DataRefHead, DataRefKey, Head, RefHead};
 use crate::env::Violation;
 use crate::error::Error;
 use crate::extent_io::{
@@ -19,7 +19,8 @@ use crate::extent_io::{
     set_extent_buffer_uptodate,
 };
 use crate::format::{
-    BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_TREE_BLOCK,
+    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, EXTENT_DATA_REF_KEY, EXTENT_FLAG_DATA, EXTENT_ITEM_KEY,
+    ExtentDataRef, InlineRef, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_TREE_BLOCK,
     EXTENT_TREE_OBJECTID, ExtentItem, HEADER_FLAG_WRITTEN, Key, METADATA_ITEM_KEY,
 };
 use crate::fs::FsInfo;
@@ -183,8 +184,15 @@ pub fn unpin_extents(fs: &FsInfo, pinned: &std::collections::BTreeMap<u64, u64>)
 /// until the queue is empty (kernel: btrfs_run_delayed_refs(trans, 0)).
 pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
     let refs = &handle.transaction.delayed_refs;
-    while let Some(head) = refs.pop_first() {
+    while let Some(head) = refs.pop_first_any() {
         refs.run.set(refs.run.get() + 1);
+        let head = match head {
+            Head::Tree(head) => head,
+            Head::Data(head) => {
+                run_data_head(handle, &head).await?;
+                continue;
+            }
+        };
         match head.ref_mod {
             1 if head.must_insert_reserved => alloc_reserved_tree_block(handle, &head).await?,
             -1 if !head.must_insert_reserved => free_tree_block_item(handle, &head).await?,
@@ -224,4 +232,154 @@ async fn free_tree_block_item(handle: &TransHandle, head: &RefHead) -> Result<()
     }
     let slot = path.slots[0];
     del_items(handle, &extent_root, &mut path, slot, 1).await
+}
+
+// ---------------------------------------------------------------------------
+// Data extents.
+
+/// `btrfs_reserve_extent` for data at writeback: `num_bytes` from a data
+/// block group, allocating a data chunk when every group is full. The
+/// bytes the writer reserved (`bytes_may_use`) become used. None when the
+/// device has no room for it in one piece.
+pub fn reserve_data_extent(fs: &FsInfo, num_bytes: u64) -> Option<u64> {
+    let sector = u64::from(fs.sectorsize);
+    let bytenr = fs.block_groups.find_free_extent(BLOCK_GROUP_DATA, num_bytes, sector).or_else(|| {
+        crate::volumes::create_chunk(fs, BLOCK_GROUP_DATA).ok()?;
+        fs.block_groups.find_free_extent(BLOCK_GROUP_DATA, num_bytes, sector)
+    })?;
+    if let Some(space) = fs.space.get() {
+        space.data.add_reserved_bytes(num_bytes, num_bytes);
+        space.data.update_block_group(num_bytes, true);
+    }
+    Some(bytenr)
+}
+
+/// An extent [`reserve_data_extent`] gave that no file extent will ever
+/// name (its write failed): its space is free again at once.
+pub fn free_unused_data_extent(fs: &FsInfo, bytenr: u64, num_bytes: u64) {
+    fs.block_groups.free_extent(bytenr, num_bytes, false);
+    if let Some(space) = fs.space.get() {
+        space.data.update_block_group(num_bytes, false);
+        space.data.unpin_extent(num_bytes, false);
+    }
+}
+
+/// A data extent nothing references any more (`__btrfs_free_extent` of
+/// the last data ref, and the pinning of a reserved extent dropped before
+/// its item existed): its checksums go and its space stays pinned until the
+/// transaction commits.
+async fn free_data_extent(handle: &TransHandle, bytenr: u64, num_bytes: u64) -> Result<(), Error> {
+    let fs = &handle.fs;
+    crate::file_item::del_csums(handle, bytenr, num_bytes).await?;
+    fs.block_groups.free_extent(bytenr, num_bytes, true);
+    if let Some(space) = fs.space.get() {
+        space.data.update_block_group(num_bytes, false);
+    }
+    handle.transaction.pinned.borrow_mut().insert(bytenr, num_bytes);
+    Ok(())
+}
+
+fn data_extent_key(head: &DataRefHead) -> Key {
+    Key::new(head.bytenr, EXTENT_ITEM_KEY, head.num_bytes)
+}
+
+/// The inline EXTENT_DATA_REFs of a data extent item as counts per key.
+fn data_refs_of(item: &ExtentItem) -> Result<std::collections::BTreeMap<DataRefKey, i64>, String> {
+    let mut refs = std::collections::BTreeMap::new();
+    for inline in &item.inline_refs {
+        match inline {
+            InlineRef::ExtentData(r) => {
+                let key = DataRefKey { root: r.root, objectid: r.objectid, offset: r.offset };
+                *refs.entry(key).or_insert(0) += i64::from(r.count);
+            }
+            other => return Err(format!("data extent with a {other:?} reference")),
+        }
+    }
+    Ok(refs)
+}
+
+/// A data EXTENT_ITEM with one inline EXTENT_DATA_REF per key, in the
+/// kernel's order of inline refs (by type, then by the ref's hash).
+fn data_extent_item(generation: u64, refs: &std::collections::BTreeMap<DataRefKey, i64>) -> ExtentItem {
+    let mut inline: Vec<ExtentDataRef> = refs
+        .iter()
+        .map(|(key, &count)| ExtentDataRef {
+            root: key.root,
+            objectid: key.objectid,
+            offset: key.offset,
+            count: u32::try_from(count).expect("a positive data ref count"),
+        })
+        .collect();
+    inline.sort_by_key(|r| std::cmp::Reverse(r.hash()));
+    ExtentItem {
+        refs: refs.values().sum::<i64>() as u64,
+        generation,
+        flags: EXTENT_FLAG_DATA,
+        tree_block_info: None,
+        inline_refs: inline.into_iter().map(InlineRef::ExtentData).collect(),
+    }
+}
+
+/// Run the queued changes of one data extent (`run_delayed_data_ref`):
+/// insert its EXTENT_ITEM if it is new, change the counts of its inline
+/// refs, or delete it and free the extent when no reference is left.
+async fn run_data_head(handle: &TransHandle, head: &DataRefHead) -> Result<(), Error> {
+    debug_assert!(crate::format::extent_inline_ref_size(EXTENT_DATA_REF_KEY).is_some());
+    let fs = &handle.fs;
+    let extent_root = fs.root(EXTENT_TREE_OBJECTID);
+    let key = data_extent_key(head);
+    if head.must_insert_reserved {
+        if head.refs.values().any(|&count| count < 0) {
+            panic!("new data extent {} with a negative ref change {:?}", head.bytenr, head.refs);
+        }
+        if head.refs.is_empty() {
+            return free_data_extent(handle, head.bytenr, head.num_bytes).await;
+        }
+        let item = data_extent_item(handle.transid, &head.refs);
+        return insert_item(handle, &extent_root, &key, &item.to_bytes()).await;
+    }
+    if head.refs.is_empty() {
+        return Ok(());
+    }
+    let mut path = Path::new();
+    if !search_slot(Some(handle), &extent_root, &key, &mut path, -1, true).await? {
+        return Err(Error::BadTreeBlock(format!(
+            "extent tree has no EXTENT_ITEM for data extent {}+{} whose references change",
+            head.bytenr, head.num_bytes
+        )));
+    }
+    let slot = path.slots[0];
+    let old = ExtentItem::read(&path.item_data(slot), EXTENT_ITEM_KEY)
+        .map_err(|e| Error::BadTreeBlock(format!("data extent item {key}: {e}")))?;
+    let mut refs = data_refs_of(&old).map_err(Error::BadTreeBlock)?;
+    for (ref_key, &delta) in &head.refs {
+        let count = refs.entry(*ref_key).or_insert(0);
+        *count += delta;
+        if *count < 0 {
+            return Err(Error::BadTreeBlock(format!(
+                "data extent {} dropped a reference {ref_key:?} it does not have",
+                head.bytenr
+            )));
+        }
+        if *count == 0 {
+            refs.remove(ref_key);
+        }
+    }
+    if refs.is_empty() {
+        del_items(handle, &extent_root, &mut path, slot, 1).await?;
+        drop(path);
+        return free_data_extent(handle, head.bytenr, head.num_bytes).await;
+    }
+    let item = data_extent_item(old.generation, &refs);
+    let bytes = item.to_bytes();
+    if bytes.len() == old.encoded_len() {
+        let leaf = path.leaf().clone();
+        crate::accessors::item_data_mut(&mut leaf.data.borrow_mut(), slot).copy_from_slice(&bytes);
+        mark_buffer_dirty(handle, &leaf);
+        return Ok(());
+    }
+    // A reference key came or went: the item changes size.
+    del_items(handle, &extent_root, &mut path, slot, 1).await?;
+    drop(path);
+    insert_item(handle, &extent_root, &key, &bytes).await
 }

@@ -111,6 +111,9 @@ pub struct FsInfo {
     /// In-memory inodes of the fs tree and their delayed items (the
     /// kernel's inode cache and `fs_info->delayed_root`).
     pub inodes: crate::inode::InodeCache,
+    /// File pages, ordered extents and the endio worker's queue (see
+    /// [`crate::file`]).
+    pub page_cache: crate::file::PageCache,
     /// Every tree, by objectid (root tree 1, extent 2, chunk 3, dev 4, fs 5, csum 7).
     pub roots: std::cell::RefCell<std::collections::BTreeMap<u64, Rc<Root>>>,
     /// The device, its chunks and device extents, the super block copy
@@ -145,9 +148,11 @@ impl FsInfo {
             volumes: Default::default(),
             space: std::cell::OnceCell::new(),
             inodes: Default::default(),
+            page_cache: Default::default(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));
+        env.register_shrinker(Rc::new(crate::file::DataShrinker::new(Rc::downgrade(&fs))));
         fs
     }
 
@@ -234,14 +239,16 @@ mod tests {
     use crate::testenv::TestEnv;
 
     #[test]
-    fn new_registers_the_btree_shrinker() {
+    fn new_registers_the_btree_and_data_shrinkers() {
         let env = TestEnv::new(1 << 20);
         let fs = FsInfo::new(env.clone(), 16384, FixPolicy::None);
         assert_eq!(fs.nodesize, 16384);
         let shrinkers = env.shrinkers.borrow();
-        assert_eq!(shrinkers.len(), 1);
+        assert_eq!(shrinkers.len(), 2);
         assert_eq!(shrinkers[0].name(), "btree");
+        assert_eq!(shrinkers[1].name(), "data");
         assert_eq!(shrinkers[0].count(), Default::default());
+        assert_eq!(shrinkers[1].count(), Default::default());
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub struct BtrfsInode {
     /// The DIR_INDEX of the only name of an inode with one link
     /// (`dir_index`); 0 when unknown.
     pub dir_index: u64,
+    /// The size the inode item on disk gets (`disk_i_size`): for a file,
+    /// how far its data is on disk; `item.size` is `i_size`.
+    pub disk_i_size: u64,
 }
 
 impl BtrfsInode {
@@ -235,7 +238,12 @@ impl InodeCache {
         self.inodes.borrow().is_empty()
     }
 
-    fn update<T>(&self, ino: u64, f: impl FnOnce(&mut BtrfsInode) -> T) -> T {
+    /// Change the in-memory inode item of `ino`.
+    pub(crate) fn update_item<T>(&self, ino: u64, f: impl FnOnce(&mut InodeItem) -> T) -> T {
+        self.update(ino, |inode| f(&mut inode.item))
+    }
+
+    pub(crate) fn update<T>(&self, ino: u64, f: impl FnOnce(&mut BtrfsInode) -> T) -> T {
         let mut inodes = self.inodes.borrow_mut();
         f(inodes.get_mut(&ino).unwrap_or_else(|| panic!("inode {ino} is not in memory")))
     }
@@ -263,7 +271,7 @@ fn fs_root(fs: &FsInfo) -> Rc<Root> {
     fs.root(FS_TREE_OBJECTID)
 }
 
-async fn lock_inode(fs: &FsInfo, ino: u64, write: bool) -> InodeLockGuard {
+pub(crate) async fn lock_inode(fs: &FsInfo, ino: u64, write: bool) -> InodeLockGuard {
     let inode_lock = fs.inodes.inode_lock(ino);
     lock(fs, inode_lock, write).await
 }
@@ -298,6 +306,7 @@ pub async fn iget(fs: &FsInfo, ino: u64) -> Result<BtrfsInode, Error> {
         item: read.item,
         index_cnt: u64::MAX,
         dir_index: read.dir_index,
+        disk_i_size: read.item.size,
     });
     Ok(inode.clone())
 }
@@ -351,9 +360,16 @@ async fn set_inode_index(fs: &FsInfo, root: &Rc<Root>, dir: u64) -> Result<u64, 
     Ok(index)
 }
 
-/// `btrfs_update_inode`: queue the in-memory inode as a delayed update.
-async fn update_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
-    let item = handle.fs.inodes.update(ino, |inode| inode.item);
+/// `btrfs_update_inode`: queue the in-memory inode as a delayed update; a
+/// file's item gets `disk_i_size` (`btrfs_fill_inode_item`).
+pub(crate) async fn update_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
+    let item = handle.fs.inodes.update(ino, |inode| {
+        let mut item = inode.item;
+        if !inode.is_dir() {
+            item.size = inode.disk_i_size;
+        }
+        item
+    });
     delayed_update_inode(handle, ino, &item).await
 }
 
@@ -408,7 +424,7 @@ async fn end_op(fs: &Rc<FsInfo>, handle: TransHandle) {
     balance_delayed_items(fs).await;
 }
 
-fn trace_op<T>(fs: &FsInfo, name: &'static str, result: Result<T, Error>) -> Result<T, Error> {
+pub(crate) fn trace_op<T>(fs: &FsInfo, name: &'static str, result: Result<T, Error>) -> Result<T, Error> {
     let errno = result.as_ref().err().map_or(0, Error::errno);
     fs.env.trace(TraceEvent::Op { name, errno });
     result
@@ -564,7 +580,7 @@ async fn create_new_inode(
     }
     drop(path);
     let index_cnt = if mode & S_IFMT == S_IFDIR { DIR_START_INDEX } else { u64::MAX };
-    fs.inodes.inodes.borrow_mut().insert(ino, BtrfsInode { ino, item, index_cnt, dir_index: index });
+    fs.inodes.inodes.borrow_mut().insert(ino, BtrfsInode { ino, item, index_cnt, dir_index: index, disk_i_size: 0 });
     if let Err(error) = add_link(handle, root, dir, ino, name, false, index).await {
         abort_transaction(handle, &error, "btrfs_create_new_inode");
         // discard_new_inode
@@ -642,6 +658,7 @@ async fn evict_inode(handle: &TransHandle, root: &Rc<Root>, ino: u64) -> Result<
         abort_transaction(handle, &error, "btrfs_evict_inode");
         return Err(error);
     }
+    crate::file::evict_pages(fs, ino);
     fs.inodes.forget(ino);
     Ok(())
 }
@@ -737,6 +754,11 @@ async fn do_unlink(fs: &Rc<FsInfo>, dir: u64, name: &[u8], rmdir: bool) -> Resul
     if rmdir && inode.item.size > 0 {
         return Err(Error::Enotempty);
     }
+    let _evict = if !inode.is_dir() && inode.item.nlink == 1 {
+        Some(crate::file::prepare_evict(fs, ino).await)
+    } else {
+        None
+    };
     let op = if rmdir { "rmdir" } else { "unlink" };
     // __unlink_start_trans
     let handle = start_op(fs, &root, UNLINK_METADATA_UNITS, op).await?;
@@ -895,10 +917,14 @@ async fn do_rename(
             guards.push(lock_inode(fs, ino, true).await);
         }
     }
+    let mut evict = None;
     if let Some(new_ino) = new_ino {
         let new_inode = iget(fs, new_ino).await?;
         if is_dir && new_inode.item.size > 0 {
             return Err(Error::Enotempty);
+        }
+        if !new_inode.is_dir() && new_inode.item.nlink == 1 {
+            evict = Some(crate::file::prepare_evict(fs, new_ino).await);
         }
     }
     match check_dir_item_collision(&root, new_dir, new_name).await {
@@ -912,6 +938,7 @@ async fn do_rename(
     let result =
         rename_in_trans(&handle, &root, old_dir, old_name, old_ino, new_dir, new_name, new_ino).await;
     end_op(fs, handle).await;
+    drop(evict);
     drop(guards);
     result
 }
@@ -979,13 +1006,29 @@ async fn do_setattr(fs: &Rc<FsInfo>, ino: u64) -> Result<(), Error> {
     let _inode_lock = lock_inode(fs, ino, true).await;
     iget(fs, ino).await?;
     touch_ctime(fs, ino);
-    // btrfs_dirty_inode
+    dirty_inode(fs, ino, "setattr").await
+}
+
+/// A file's data changed: mtime and ctime (`file_update_time`).
+pub(crate) fn touch_mtime(fs: &FsInfo, ino: u64) {
+    let t = now(fs);
+    fs.inodes.update(ino, |inode| {
+        inode.item.sequence += 1;
+        inode.item.mtime = t;
+        inode.item.ctime = t;
+    });
+}
+
+/// `btrfs_dirty_inode`: a delayed update of the in-memory inode in a joined
+/// transaction; on ENOSPC again in one started for one item. Then the
+/// delayed items are balanced.
+pub(crate) async fn dirty_inode(fs: &Rc<FsInfo>, ino: u64, op: Operation) -> Result<(), Error> {
     let root = fs_root(fs);
-    let handle = join_transaction(fs, "setattr").await?;
+    let handle = join_transaction(fs, op).await?;
     let mut result = update_inode(&handle, ino).await;
     let handle = if result == Err(Error::Enospc) {
         end_transaction(handle);
-        let handle = start_op(fs, &root, SETATTR_TRANS_ITEMS, "setattr").await?;
+        let handle = start_op(fs, &root, SETATTR_TRANS_ITEMS, op).await?;
         result = update_inode(&handle, ino).await;
         handle
     } else {

@@ -234,11 +234,37 @@ pub async fn truncate_inode_items(handle: &TransHandle, root: &Rc<Root>, ino: u6
         if first > last {
             return Ok(deleted);
         }
+        drop_data_refs(handle, &path, first, last, ino);
         let nr = last + 1 - first;
         del_items(handle, root, &mut path, first, nr).await?;
         deleted += nr as u64;
         if first > 0 {
             return Ok(deleted);
+        }
+    }
+}
+
+/// The file extent items in slots `first..=last` are about to go: queue
+/// the drop of the data reference each regular extent holds.
+fn drop_data_refs(handle: &TransHandle, path: &Path, first: usize, last: usize, ino: u64) {
+    let image = path.leaf().data.borrow();
+    for slot in first..=last {
+        let key = item_key(&image, slot);
+        if key.item_type != crate::format::EXTENT_DATA_KEY {
+            continue;
+        }
+        let Ok(item) = crate::format::FileExtentItem::read(crate::accessors::item_data(&image, slot)) else {
+            continue;
+        };
+        if let crate::format::FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. } = item.body
+            && disk_bytenr != 0
+        {
+            let ref_key = crate::delayed_ref::DataRefKey {
+                root: handle.root_objectid,
+                objectid: ino,
+                offset: key.offset - offset,
+            };
+            handle.transaction.delayed_refs.add_data_ref(disk_bytenr, disk_num_bytes, ref_key, -1, false);
         }
     }
 }

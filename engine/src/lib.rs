@@ -17,6 +17,8 @@ pub mod env;
 pub mod error;
 pub mod extent_io;
 pub mod extent_tree;
+pub mod file;
+pub mod file_item;
 pub mod fix;
 pub mod format;
 pub mod fs;

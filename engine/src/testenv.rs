@@ -104,6 +104,11 @@ impl TestEnv {
         self.device.borrow()[off..off + len].to_vec()
     }
 
+    /// Flip bits of one device byte (silent corruption).
+    pub(crate) fn corrupt_device(&self, offset: u64, xor: u8) {
+        self.device.borrow_mut()[offset as usize] ^= xor;
+    }
+
     pub(crate) fn memory_bytes(&self) -> u64 {
         self.memory_bytes.get()
     }
