@@ -208,7 +208,8 @@ fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, err
                         for inline in &item.inline_refs {
                             match inline {
                                 InlineRef::ExtentData(r) => {
-                                    *refs.entry((r.root, r.objectid, r.offset)).or_insert(0) += u64::from(r.count);
+                                    *refs.entry((r.root, r.objectid, r.offset)).or_insert(0) +=
+                                        u64::from(r.count);
                                 }
                                 other => errors.push(format!("data extent {key} has a {other:?} reference")),
                             }
@@ -273,7 +274,7 @@ fn check_extents(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
 
 /// File extents against inodes, data extent items and checksums.
 fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
-    use crate::format::{EXTENT_DATA_KEY, FileExtentBody, FileExtentItem, FS_TREE_OBJECTID};
+    use crate::format::{EXTENT_DATA_KEY, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem};
     let sector = u64::from(fs.sectorsize);
     let mut nbytes: BTreeMap<u64, u64> = BTreeMap::new();
     let mut last_end: BTreeMap<u64, u64> = BTreeMap::new();
@@ -318,7 +319,10 @@ fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
         };
         let prev_end = last_end.insert(key.objectid, end).unwrap_or(0);
         if key.offset < prev_end {
-            errors.push(format!("inode {}: file extent at {} overlaps the previous one (ends {prev_end})", key.objectid, key.offset));
+            errors.push(format!(
+                "inode {}: file extent at {} overlaps the previous one (ends {prev_end})",
+                key.objectid, key.offset
+            ));
         }
         *nbytes.entry(key.objectid).or_insert(0) += bytes;
     }
@@ -327,7 +331,10 @@ fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
             let inode = InodeItem::read(payload);
             let found = nbytes.get(&key.objectid).copied().unwrap_or(0);
             if inode.mode & crate::inode::S_IFMT != crate::inode::S_IFDIR && inode.nbytes != found {
-                errors.push(format!("inode {}: nbytes {} but its extents hold {found}", key.objectid, inode.nbytes));
+                errors.push(format!(
+                    "inode {}: nbytes {} but its extents hold {found}",
+                    key.objectid, inode.nbytes
+                ));
             }
         }
     }
@@ -337,7 +344,10 @@ fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
             errors.push(format!("data extent {bytenr}: backrefs {inline:?} but file extents {found:?}"));
         }
         if *refs != inline.values().sum::<u64>() {
-            errors.push(format!("data extent {bytenr}: refs {refs} but its backrefs count {}", inline.values().sum::<u64>()));
+            errors.push(format!(
+                "data extent {bytenr}: refs {refs} but its backrefs count {}",
+                inline.values().sum::<u64>()
+            ));
         }
     }
     for (bytenr, refs) in found_refs {

@@ -116,7 +116,9 @@ impl DelayedRefRoot {
         let tree = self.heads.borrow().keys().next().copied();
         let data = self.data_heads.borrow().keys().next().copied();
         match (tree, data) {
-            (Some(t), Some(d)) if d < t => self.data_heads.borrow_mut().pop_first().map(|(_, h)| Head::Data(h)),
+            (Some(t), Some(d)) if d < t => {
+                self.data_heads.borrow_mut().pop_first().map(|(_, h)| Head::Data(h))
+            }
             (Some(_), _) => self.pop_first().map(Head::Tree),
             (None, Some(_)) => self.data_heads.borrow_mut().pop_first().map(|(_, h)| Head::Data(h)),
             (None, None) => None,

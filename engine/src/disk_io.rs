@@ -915,7 +915,6 @@ pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, 
     let fs = mount_trees(env, fix).await?;
     crate::transaction::start_space_flusher(&fs);
     crate::transaction::start_transaction_kthread(&fs);
-    crate::file::start_endio_worker(&fs);
     Ok(fs)
 }
 

@@ -19,9 +19,9 @@ use crate::extent_io::{
     set_extent_buffer_uptodate,
 };
 use crate::format::{
-    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, EXTENT_DATA_REF_KEY, EXTENT_FLAG_DATA, EXTENT_ITEM_KEY,
-    ExtentDataRef, InlineRef, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_TREE_BLOCK,
-    EXTENT_TREE_OBJECTID, ExtentItem, HEADER_FLAG_WRITTEN, Key, METADATA_ITEM_KEY,
+    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_DATA_REF_KEY,
+    EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID, ExtentDataRef,
+    ExtentItem, HEADER_FLAG_WRITTEN, InlineRef, Key, METADATA_ITEM_KEY,
 };
 use crate::fs::FsInfo;
 use crate::locking::tree_lock;
@@ -239,24 +239,39 @@ async fn free_tree_block_item(handle: &TransHandle, head: &RefHead) -> Result<()
 
 /// `btrfs_reserve_extent` for data at writeback: `num_bytes` from a data
 /// block group, allocating a data chunk when every group is full. The
-/// bytes the writer reserved (`bytes_may_use`) become used. None when the
-/// device has no room for it in one piece.
+/// bytes the writer reserved (`bytes_may_use`) become reserved; they count
+/// as used (in the space info and the block group item) only when the
+/// extent's item is inserted (`alloc_reserved_file_extent`), so that a
+/// commit while the write is in flight records no extent it lacks. None
+/// when the device has no room for it in one piece.
 pub fn reserve_data_extent(fs: &FsInfo, num_bytes: u64) -> Option<u64> {
     let sector = u64::from(fs.sectorsize);
     let bytenr = fs.block_groups.find_free_extent(BLOCK_GROUP_DATA, num_bytes, sector).or_else(|| {
         crate::volumes::create_chunk(fs, BLOCK_GROUP_DATA).ok()?;
         fs.block_groups.find_free_extent(BLOCK_GROUP_DATA, num_bytes, sector)
     })?;
+    let group = fs.block_groups.lookup(bytenr).expect("an allocated extent lies in a block group");
+    group.used.set(group.used.get() - num_bytes);
     if let Some(space) = fs.space.get() {
         space.data.add_reserved_bytes(num_bytes, num_bytes);
-        space.data.update_block_group(num_bytes, true);
     }
     Some(bytenr)
+}
+
+/// A reserved data extent gets its item: reserved → used
+/// (`btrfs_update_block_group` from `alloc_reserved_file_extent`).
+fn account_data_extent_used(fs: &FsInfo, bytenr: u64, num_bytes: u64) {
+    let group = fs.block_groups.lookup(bytenr).expect("a data extent lies in a block group");
+    group.used.set(group.used.get() + num_bytes);
+    if let Some(space) = fs.space.get() {
+        space.data.update_block_group(num_bytes, true);
+    }
 }
 
 /// An extent [`reserve_data_extent`] gave that no file extent will ever
 /// name (its write failed): its space is free again at once.
 pub fn free_unused_data_extent(fs: &FsInfo, bytenr: u64, num_bytes: u64) {
+    account_data_extent_used(fs, bytenr, num_bytes);
     fs.block_groups.free_extent(bytenr, num_bytes, false);
     if let Some(space) = fs.space.get() {
         space.data.update_block_group(num_bytes, false);
@@ -332,6 +347,7 @@ async fn run_data_head(handle: &TransHandle, head: &DataRefHead) -> Result<(), E
         if head.refs.values().any(|&count| count < 0) {
             panic!("new data extent {} with a negative ref change {:?}", head.bytenr, head.refs);
         }
+        account_data_extent_used(fs, head.bytenr, head.num_bytes);
         if head.refs.is_empty() {
             return free_data_extent(handle, head.bytenr, head.num_bytes).await;
         }

@@ -45,20 +45,27 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::{Rc, Weak};
 
-use crate::block_rsv::{BlockRsv, BlockRsvType, TransRsvAccount, block_rsv_add_bytes, calc_insert_metadata_size, calc_metadata_size};
-use crate::ctree::{Path, Root, del_items, insert_item, next_leaf, search_slot, set_item_key_safe, truncate_item};
+use crate::block_rsv::{
+    BlockRsv, BlockRsvType, TransRsvAccount, block_rsv_add_bytes, calc_insert_metadata_size,
+    calc_metadata_size,
+};
+use crate::ctree::{
+    Path, Root, del_items, insert_item, next_leaf, search_slot, set_item_key_safe, truncate_item,
+};
 use crate::env::{Bio, BioStatus, CacheCounts, Shrinker, SyncMode, TaskKind, TraceEvent, Violation, WaitOn};
 use crate::error::Error;
 use crate::extent_tree::{free_unused_data_extent, reserve_data_extent};
 use crate::file_item::{csum_bytes_to_leaves, csum_file_blocks, lookup_csum};
 use crate::format::{
-    BLOCK_GROUP_DATA, EXTENT_DATA_KEY, FILE_EXTENT_INLINE, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem, Key,
-    csum_data, max_inline_data_size,
+    BLOCK_GROUP_DATA, EXTENT_DATA_KEY, FILE_EXTENT_INLINE, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem,
+    Key, csum_data, max_inline_data_size,
 };
 use crate::fs::FsInfo;
 use crate::inode::{dirty_inode, iget, lock_inode, update_inode};
 use crate::space_info::{FlushKind, reserve_metadata_bytes};
-use crate::transaction::{TransHandle, abort_transaction, end_transaction, join_transaction, start_transaction, sync};
+use crate::transaction::{
+    TransHandle, abort_transaction, end_transaction, join_transaction, start_transaction, sync,
+};
 use crate::wait::{Completion, WaitQueue, declared};
 
 /// The page size, equal to the sector size.
@@ -100,6 +107,9 @@ struct InodePages {
     meta_reserved: u64,
     /// Writeback must not start (truncation and eviction in progress).
     writeback_blocked: u32,
+    /// Pages a writer read and is about to overwrite in part: reclaim
+    /// leaves them (the kernel's page references of `prepare_pages`).
+    pinned: BTreeSet<u64>,
     /// A data write failed since the last check (`mapping_set_error`).
     mapping_error: bool,
 }
@@ -145,6 +155,9 @@ pub struct PageCache {
     /// Ordered extents whose bio ended, for the endio worker.
     completed: RefCell<VecDeque<OrderedExtent>>,
     worker_wait: WaitQueue,
+    /// The endio worker runs (started with the first ordered extent, so a
+    /// filesystem that never writes data schedules exactly as before).
+    worker_started: Cell<bool>,
     /// Woken when an ordered extent finishes or a page changes state.
     wait: WaitQueue,
     /// Where the shrinker's writeback and eviction go on (inode number).
@@ -266,7 +279,9 @@ fn trim_delalloc_reservation(fs: &FsInfo, ino: u64) {
 
 async fn reserve_delalloc_metadata(fs: &FsInfo, ino: u64, bytes: u64) -> Result<(), Error> {
     if let Some(space) = fs.space.get() {
-        reserve_metadata_bytes(&space.metadata, bytes, FlushKind::FlushAll).await.map_err(|_| Error::Enospc)?;
+        reserve_metadata_bytes(&space.metadata, bytes, FlushKind::FlushAll)
+            .await
+            .map_err(|_| Error::Enospc)?;
     }
     fs.page_cache.with(ino, |inode| inode.meta_reserved += bytes);
     Ok(())
@@ -331,11 +346,17 @@ impl FoundExtent {
 
     fn ref_key(&self, ino: u64) -> Option<(u64, u64, crate::delayed_ref::DataRefKey)> {
         match self.item.body {
-            FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. } if disk_bytenr != 0 => Some((
-                disk_bytenr,
-                disk_num_bytes,
-                crate::delayed_ref::DataRefKey { root: FS_TREE_OBJECTID, objectid: ino, offset: self.key.offset - offset },
-            )),
+            FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. } if disk_bytenr != 0 => {
+                Some((
+                    disk_bytenr,
+                    disk_num_bytes,
+                    crate::delayed_ref::DataRefKey {
+                        root: FS_TREE_OBJECTID,
+                        objectid: ino,
+                        offset: self.key.offset - offset,
+                    },
+                ))
+            }
             _ => None,
         }
     }
@@ -355,8 +376,8 @@ fn is_extent_of(key: &Key, ino: u64) -> bool {
 }
 
 fn decode_extent(key: Key, payload: &[u8]) -> Result<FoundExtent, Error> {
-    let item =
-        FileExtentItem::read(payload).map_err(|e| Error::BadTreeBlock(format!("file extent item {key}: {e}")))?;
+    let item = FileExtentItem::read(payload)
+        .map_err(|e| Error::BadTreeBlock(format!("file extent item {key}: {e}")))?;
     Ok(FoundExtent { key, item })
 }
 
@@ -426,7 +447,13 @@ fn with_range(item: &FileExtentItem, skip: u64, len: u64) -> FileExtentItem {
 /// (their data refs dropped), items across an end are trimmed, an item
 /// across both is split in two, the tail inserted first so that the range
 /// beyond stays covered at every step.
-pub async fn drop_extents(handle: &TransHandle, root: &Rc<Root>, ino: u64, start: u64, end: u64) -> Result<(), Error> {
+pub async fn drop_extents(
+    handle: &TransHandle,
+    root: &Rc<Root>,
+    ino: u64,
+    start: u64,
+    end: u64,
+) -> Result<(), Error> {
     debug_assert!(start % PAGE_SIZE == 0 && (end == u64::MAX || end % PAGE_SIZE == 0));
     let fs = &handle.fs;
     let refs = &handle.transaction.delayed_refs;
@@ -482,7 +509,12 @@ pub async fn drop_extents(handle: &TransHandle, root: &Rc<Root>, ino: u64, start
 
 /// An inline extent longer than `new_size` loses its tail
 /// (`btrfs_truncate_inline_item`).
-async fn truncate_inline(handle: &TransHandle, root: &Rc<Root>, ino: u64, new_size: u64) -> Result<(), Error> {
+async fn truncate_inline(
+    handle: &TransHandle,
+    root: &Rc<Root>,
+    ino: u64,
+    new_size: u64,
+) -> Result<(), Error> {
     loop {
         let Some(extent) = next_file_extent(root, ino, 0).await? else { return Ok(()) };
         let FileExtentBody::Inline(data) = &extent.item.body else { return Ok(()) };
@@ -491,7 +523,12 @@ async fn truncate_inline(handle: &TransHandle, root: &Rc<Root>, ino: u64, new_si
         }
         let Some(path) = relock_extent(handle, root, &extent, 0).await? else { continue };
         let cut = data.len() as u64 - new_size;
-        truncate_item(handle, &path, (crate::format::FILE_EXTENT_INLINE_DATA_START as u64 + new_size) as u32, true);
+        truncate_item(
+            handle,
+            &path,
+            (crate::format::FILE_EXTENT_INLINE_DATA_START as u64 + new_size) as u32,
+            true,
+        );
         let leaf = path.leaf().clone();
         {
             let mut image = leaf.data.borrow_mut();
@@ -540,7 +577,8 @@ async fn read_page_from_disk(fs: &FsInfo, ino: u64, idx: u64) -> Result<Box<[u8]
         Bio::Read { offset_bytes: physical, len_bytes: PAGE_SIZE as u32 },
         Box::new(move |status| signal.complete(status)),
     );
-    let bytes = match declared(&*fs.env, WaitOn::Io { what: "data_read", offset_bytes: physical }, done).await {
+    let bytes = match declared(&*fs.env, WaitOn::Io { what: "data_read", offset_bytes: physical }, done).await
+    {
         BioStatus::IoError => return Err(Error::Io { bytenr: logical }),
         BioStatus::Ok(bytes) => bytes,
     };
@@ -549,7 +587,9 @@ async fn read_page_from_disk(fs: &FsInfo, ino: u64, idx: u64) -> Result<Box<[u8]
     if expected != Some(actual) {
         fs.page_cache.stats.csum_failures.set(fs.page_cache.stats.csum_failures.get() + 1);
         let what = match expected {
-            Some(sum) => format!("csum failed root 5 ino {ino} off {pos} csum 0x{actual:08x} expected csum 0x{sum:08x} mirror 1"),
+            Some(sum) => format!(
+                "csum failed root 5 ino {ino} off {pos} csum 0x{actual:08x} expected csum 0x{sum:08x} mirror 1"
+            ),
             None => format!("no csum found for inode {ino} start {pos} (logical {logical})"),
         };
         fs.env.report_violation(Violation { kind: "data_csum", message: format!("BTRFS warning: {what}") });
@@ -642,13 +682,20 @@ async fn wait_ordered_range(fs: &FsInfo, ino: u64, start: u64, end: u64) {
 
 /// The locked half of a buffered write: copy `data` to `offset` through
 /// the page cache, reserving first; `extend`: grow `i_size` to the end.
-async fn buffered_write_locked(fs: &Rc<FsInfo>, ino: u64, offset: u64, data: &[u8], extend: bool) -> Result<(), Error> {
+async fn buffered_write_locked(
+    fs: &Rc<FsInfo>,
+    ino: u64,
+    offset: u64,
+    data: &[u8],
+    extend: bool,
+) -> Result<(), Error> {
     let end = offset + data.len() as u64;
     let (first, last) = (offset / PAGE_SIZE, (end - 1) / PAGE_SIZE);
     let meta = extent_meta_bytes(fs, (last - first + 1) * PAGE_SIZE);
     reserve_delalloc_metadata(fs, ino, meta).await?;
     let mut data_reserved = 0u64;
     let mut charged = 0u64;
+    fs.page_cache.with(ino, |inode| inode.pinned.extend([first, last]));
     let result: Result<(), Error> = async {
         loop {
             wait_ordered_range(fs, ino, page_start(first), page_start(last + 1)).await;
@@ -701,7 +748,10 @@ async fn buffered_write_locked(fs: &Rc<FsInfo>, ino: u64, offset: u64, data: &[u
                 for idx in first..=last {
                     let page = inode.pages.entry(idx).or_insert_with(|| {
                         cache.count(PageState::Clean, 1);
-                        Page { data: vec![0u8; PAGE_SIZE as usize].into_boxed_slice(), state: PageState::Clean }
+                        Page {
+                            data: vec![0u8; PAGE_SIZE as usize].into_boxed_slice(),
+                            state: PageState::Clean,
+                        }
                     });
                     let from = offset.max(page_start(idx));
                     let to = end.min(page_start(idx + 1));
@@ -719,6 +769,10 @@ async fn buffered_write_locked(fs: &Rc<FsInfo>, ino: u64, offset: u64, data: &[u
         }
     }
     .await;
+    fs.page_cache.with(ino, |inode| {
+        inode.pinned.remove(&first);
+        inode.pinned.remove(&last);
+    });
     if charged > 0 {
         fs.env.memory_release(charged);
     }
@@ -808,7 +862,11 @@ impl Drop for WritebackBlock<'_> {
         let mut inodes = self.fs.page_cache.inodes.borrow_mut();
         let inode = inodes.get_mut(&self.ino).expect("a blocked inode keeps its page cache entry");
         inode.writeback_blocked -= 1;
-        if inode.writeback_blocked == 0 && inode.pages.is_empty() && inode.ordered.is_empty() && inode.meta_reserved == 0 {
+        if inode.writeback_blocked == 0
+            && inode.pages.is_empty()
+            && inode.ordered.is_empty()
+            && inode.meta_reserved == 0
+        {
             inodes.remove(&self.ino);
         }
     }
@@ -825,7 +883,8 @@ fn block_writeback(fs: &FsInfo, ino: u64) -> WritebackBlock<'_> {
 /// shows a size whose data was still in memory.
 fn safe_disk_i_size_write(fs: &FsInfo, ino: u64, done: Option<u64>) {
     let pending = fs.page_cache.with(ino, |inode| {
-        let dirty = inode.pages.iter().find(|(_, p)| p.state == PageState::Dirty).map(|(&idx, _)| page_start(idx));
+        let dirty =
+            inode.pages.iter().find(|(_, p)| p.state == PageState::Dirty).map(|(&idx, _)| page_start(idx));
         let ordered = inode.ordered.keys().copied().find(|&start| Some(start) != done);
         dirty.into_iter().chain(ordered).min().unwrap_or(u64::MAX)
     });
@@ -1027,7 +1086,9 @@ fn submit_run(fs: &Rc<FsInfo>, ino: u64, first: u64, npages: u64) -> u64 {
             // The write reserved this space: failing here is an accounting bug.
             fs.env.report_violation(Violation {
                 kind: "data_enospc_writeback",
-                message: format!("no data extent for page {idx} of inode {ino} although its space was reserved"),
+                message: format!(
+                    "no data extent for page {idx} of inode {ino} although its space was reserved"
+                ),
             });
             fs.page_cache.with(ino, |inode| inode.meta_reserved += share);
             return submitted;
@@ -1061,6 +1122,7 @@ fn submit_run(fs: &Rc<FsInfo>, ino: u64, first: u64, npages: u64) -> u64 {
             io_error: false,
         };
         let physical = fs.volumes.map_logical(disk_bytenr, len).expect("a data extent lies in a chunk");
+        start_endio_worker(fs);
         fs.env.trace(TraceEvent::Note { what: "ordered_extent", a: ino, b: oe.file_offset, c: len });
         let weak = fs.weak();
         fs.env.submit_bio(
@@ -1190,13 +1252,18 @@ fn release_meta(fs: &FsInfo, bytes: u64) {
     }
 }
 
-async fn insert_ordered_extent(handle: &TransHandle, root: &Rc<Root>, oe: &OrderedExtent) -> Result<(), Error> {
+async fn insert_ordered_extent(
+    handle: &TransHandle,
+    root: &Rc<Root>,
+    oe: &OrderedExtent,
+) -> Result<(), Error> {
     let fs = &handle.fs;
     let end = oe.file_offset + oe.len;
     drop_extents(handle, root, oe.ino, oe.file_offset, end).await?;
     let item = FileExtentItem::regular(handle.transid, oe.disk_bytenr, oe.len);
     insert_item(handle, root, &Key::new(oe.ino, EXTENT_DATA_KEY, oe.file_offset), &item.to_bytes()).await?;
-    let key = crate::delayed_ref::DataRefKey { root: FS_TREE_OBJECTID, objectid: oe.ino, offset: oe.file_offset };
+    let key =
+        crate::delayed_ref::DataRefKey { root: FS_TREE_OBJECTID, objectid: oe.ino, offset: oe.file_offset };
     handle.transaction.delayed_refs.add_data_ref(oe.disk_bytenr, oe.len, key, 1, true);
     adjust_nbytes(fs, oe.ino, oe.len as i64);
     csum_file_blocks(handle, oe.disk_bytenr, &oe.sums).await?;
@@ -1204,9 +1271,12 @@ async fn insert_ordered_extent(handle: &TransHandle, root: &Rc<Root>, oe: &Order
     update_inode(handle, oe.ino).await
 }
 
-/// Start the endio worker (`btrfs-endio-write`): finishes ordered extents
-/// in the order their bios ended.
+/// Start the endio worker (`btrfs-endio-write`) unless it runs: finishes
+/// ordered extents in the order their bios ended.
 pub fn start_endio_worker(fs: &Rc<FsInfo>) {
+    if fs.page_cache.worker_started.replace(true) {
+        return;
+    }
     let weak: Weak<FsInfo> = fs.weak();
     let worker = async move {
         loop {
@@ -1223,7 +1293,10 @@ pub fn start_endio_worker(fs: &Rc<FsInfo>) {
                     let Some(fs) = weak.upgrade() else { return };
                     fs.env.wait_on(WaitOn::Other("ordered extent completion"));
                     let waiting = fs.clone();
-                    fs.page_cache.worker_wait.wait_until(move || !waiting.page_cache.completed.borrow().is_empty()).await;
+                    fs.page_cache
+                        .worker_wait
+                        .wait_until(move || !waiting.page_cache.completed.borrow().is_empty())
+                        .await;
                 }
             }
         }
@@ -1234,7 +1307,9 @@ pub fn start_endio_worker(fs: &Rc<FsInfo>) {
 /// Start writeback of every dirty run of `ino`; with `inline`, runs that
 /// become inline extents too (they need a transaction).
 async fn writepages(fs: &Rc<FsInfo>, ino: u64, inline: bool) -> Result<u64, Error> {
-    let runs = fs.page_cache.with(ino, |inode| if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) });
+    let runs = fs
+        .page_cache
+        .with(ino, |inode| if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) });
     let mut written = 0;
     for (first, n) in runs {
         if let Some(size) = inline_candidate(fs, ino, first) {
@@ -1247,7 +1322,8 @@ async fn writepages(fs: &Rc<FsInfo>, ino: u64, inline: bool) -> Result<u64, Erro
         // The run may have changed while an inline write suspended.
         let still = fs.page_cache.with(ino, |inode| {
             inode.writeback_blocked == 0
-                && (first..first + n).all(|i| inode.pages.get(&i).is_some_and(|p| p.state == PageState::Dirty))
+                && (first..first + n)
+                    .all(|i| inode.pages.get(&i).is_some_and(|p| p.state == PageState::Dirty))
         });
         if still {
             written += submit_run(fs, ino, first, n);
@@ -1301,7 +1377,9 @@ fn writeback_nowait(fs: &Rc<FsInfo>, nr_bytes: u64) -> u64 {
             fs.page_cache.cursor.set(ino);
             break;
         }
-        let runs = fs.page_cache.with(ino, |inode| if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) });
+        let runs = fs.page_cache.with(ino, |inode| {
+            if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) }
+        });
         for (first, n) in runs {
             if inline_candidate(fs, ino, first).is_some() {
                 continue;
@@ -1321,8 +1399,12 @@ fn evict_clean_pages(fs: &FsInfo, nr_bytes: u64) -> u64 {
     let mut freed = 0;
     let mut inodes = cache.inodes.borrow_mut();
     for inode in inodes.values_mut() {
-        let clean: Vec<u64> =
-            inode.pages.iter().filter(|(_, p)| p.state == PageState::Clean).map(|(&idx, _)| idx).collect();
+        let clean: Vec<u64> = inode
+            .pages
+            .iter()
+            .filter(|(idx, p)| p.state == PageState::Clean && !inode.pinned.contains(idx))
+            .map(|(&idx, _)| idx)
+            .collect();
         for idx in clean {
             if freed >= nr_bytes {
                 break;
@@ -1433,7 +1515,8 @@ mod tests {
         .unwrap();
         drop_caches(&fs);
         let root = fs_root(&fs);
-        let extent = run(&env, &fs, move |_| async move { next_file_extent(&root, ino, 0).await }).unwrap().unwrap();
+        let extent =
+            run(&env, &fs, move |_| async move { next_file_extent(&root, ino, 0).await }).unwrap().unwrap();
         let FileExtentBody::Regular { disk_bytenr, .. } = extent.item.body else { panic!("regular extent") };
         let physical = fs.volumes.map_logical(disk_bytenr + 4096, 4096).unwrap();
         env.corrupt_device(physical + 10, 0x40);
@@ -1441,7 +1524,10 @@ mod tests {
         assert_eq!(result, Err(Error::Io { bytenr: disk_bytenr + 4096 }));
         assert_eq!(fs.page_cache.stats.csum_failures.get(), 1);
         let violations = env.violations.borrow();
-        assert!(violations.iter().any(|v| v.kind == "data_csum" && v.message.contains("csum failed")), "{violations:?}");
+        assert!(
+            violations.iter().any(|v| v.kind == "data_csum" && v.message.contains("csum failed")),
+            "{violations:?}"
+        );
         // The good sector still reads.
         drop(violations);
         let first = run(&env, &fs, move |fs| async move { read(&fs, ino, 0, 4096).await }).unwrap();
@@ -1481,7 +1567,12 @@ mod tests {
         assert_eq!(fs.page_cache.counts(), CacheCounts::default());
         assert_eq!(fs.page_cache.delalloc_meta_reserved(), 0);
         assert_eq!(fs.space.get().unwrap().data.info().bytes_may_use, 0);
-        assert_eq!(env.memory_bytes(), fs.buffer_tree.counts().clean_bytes + fs.buffer_tree.counts().dirty_bytes + fs.buffer_tree.counts().writeback_bytes);
+        assert_eq!(
+            env.memory_bytes(),
+            fs.buffer_tree.counts().clean_bytes
+                + fs.buffer_tree.counts().dirty_bytes
+                + fs.buffer_tree.counts().writeback_bytes
+        );
         check_clean(&env);
     }
 

@@ -580,7 +580,10 @@ async fn create_new_inode(
     }
     drop(path);
     let index_cnt = if mode & S_IFMT == S_IFDIR { DIR_START_INDEX } else { u64::MAX };
-    fs.inodes.inodes.borrow_mut().insert(ino, BtrfsInode { ino, item, index_cnt, dir_index: index, disk_i_size: 0 });
+    fs.inodes
+        .inodes
+        .borrow_mut()
+        .insert(ino, BtrfsInode { ino, item, index_cnt, dir_index: index, disk_i_size: 0 });
     if let Err(error) = add_link(handle, root, dir, ino, name, false, index).await {
         abort_transaction(handle, &error, "btrfs_create_new_inode");
         // discard_new_inode

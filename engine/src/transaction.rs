@@ -108,6 +108,10 @@ impl Transaction {
 #[derive(Default)]
 pub struct TransactionControl {
     pub running: RefCell<Option<Rc<Transaction>>>,
+    /// The transaction whose commit unblocked last: it may still be writing
+    /// its blocks and super block while the next one runs (the tail of the
+    /// kernel's `fs_info->trans_list`).
+    pub committing: RefCell<Option<Rc<Transaction>>>,
     /// The last transaction id handed out (kernel: fs_info->generation).
     pub generation: Cell<u64>,
     pub last_trans_committed: Cell<u64>,
@@ -534,6 +538,25 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     transaction.set_state(fs, TransState::CommitStart);
     // The committer's own inhibitions end before it waits and writes.
     handle.release_inhibited();
+    // The previous transaction's super block goes first: a later super
+    // written before it would be overwritten by the older one, and what this
+    // commit promised would be lost (btrfs_commit_transaction waits for the
+    // previous transaction to complete).
+    let previous = fs.trans.committing.borrow().clone();
+    if let Some(previous) = previous
+        && previous.transid < handle.transid
+        && previous.state() < TransState::Completed
+    {
+        fs.env.wait_on(WaitOn::Transaction { what: "previous commit to complete" });
+        let (waiting, fs_waiting) = (previous.clone(), fs.clone());
+        previous
+            .wait
+            .wait_until(move || {
+                waiting.state() == TransState::Completed || fs_waiting.trans.fs_error.get().is_some()
+            })
+            .await;
+        check_fs_error(fs)?;
+    }
     fs.env.wait_on(WaitOn::Transaction { what: "writers to end" });
     let (waiting, fs_waiting) = (transaction.clone(), fs.clone());
     transaction
@@ -548,6 +571,7 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     commit_roots(handle).await?;
     let super_block = fill_super_for_commit(fs, handle.transid)?;
     fs.trans.running.borrow_mut().take();
+    *fs.trans.committing.borrow_mut() = Some(transaction.clone());
     transaction.set_state(fs, TransState::Unblocked);
     let dirty: Vec<u64> = transaction.dirty_ebs.borrow().iter().copied().collect();
     write_and_wait_ebs(fs, &dirty).await?;

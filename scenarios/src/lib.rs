@@ -10,6 +10,7 @@ pub mod device_stress;
 pub mod fs_crash;
 pub mod fs_ops;
 pub mod fs_workload;
+pub mod fsstress;
 pub mod streams;
 pub mod workload;
 
@@ -73,6 +74,7 @@ pub fn all() -> Vec<Box<dyn Scenario>> {
         Box::new(device_stress::DeviceStress),
         Box::new(fs_crash::FsCrash),
         Box::new(fs_workload::FsWorkload),
+        Box::new(fsstress::Fsstress),
     ]
 }
 

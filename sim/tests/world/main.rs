@@ -6,6 +6,7 @@ mod corpus;
 mod determinism;
 mod engine;
 mod executor;
+mod fsstress;
 mod reclaim;
 mod reports;
 mod shrink;

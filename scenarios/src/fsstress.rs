@@ -1,0 +1,529 @@
+//! `fsstress`: several tasks mix file data and namespace operations, as
+//! fstests' fsstress does, under memory pressure, with power loss at a
+//! seeded time.
+//!
+//! Each task works in its own directory (`/t<k>`) on a few names: create,
+//! write (a seeded byte pattern at a random offset), truncate, punch hole,
+//! read (compared with the model at once), rename, unlink and sync. A
+//! reference model of names and contents says what every operation must
+//! return. Oracles:
+//! - every operation's result and every read against the model (`fsstress_model`);
+//! - after the power cut, the image checks clean (check() with its file data
+//!   checks), and every file that no operation touched since the start of
+//!   the last sync that completed is at its path with exactly its content
+//!   (`crash_data`); every file in the recovered namespace reads back
+//!   without a checksum error.
+//!
+//! Files changed after that sync started may hold any mix of old and new
+//! pages (btrfs writes back page runs independently and makes no promise
+//! without fsync); the oracle does not judge their content.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use engine::env::{Env, SwitchPoint, TaskKind, TraceEvent, Violation};
+use engine::error::Error;
+use engine::fix::FixPolicy;
+use engine::fs::FsInfo;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::fs_ops::{check_after_power_loss, engine_stats, mkfs_and_mount_or_report, tree_stats};
+use crate::streams::stream;
+use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
+
+pub struct Fsstress;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Params {
+    tasks: u32,
+    ops_per_task: u32,
+    /// Names per task directory.
+    names: u32,
+    /// Files stay below this size.
+    max_file_bytes: u64,
+    /// Percent of operations that are a sync.
+    sync_percent: u32,
+    nodesize: u32,
+    device_bytes: u64,
+    power_loss_after_ns: u64,
+    world: serde_json::Value,
+}
+
+impl Scenario for Fsstress {
+    fn name(&self) -> &'static str {
+        "fsstress"
+    }
+
+    fn description(&self) -> &'static str {
+        "concurrent writes, truncates, hole punches, reads, renames, unlinks and syncs under memory pressure; power loss; check and the synced files' contents"
+    }
+
+    fn configure(&self, seed: u64) -> serde_json::Value {
+        let mut rng = stream(seed, "scenario");
+        let params = Params {
+            tasks: rng.random_range(2..=4),
+            ops_per_task: rng.random_range(20..=80),
+            names: rng.random_range(2..=6),
+            max_file_bytes: [8u64 << 10, 64 << 10, 256 << 10][rng.random_range(0..3)],
+            sync_percent: rng.random_range(2..=10),
+            nodesize: [4096, 16384, 16384][rng.random_range(0..3)],
+            device_bytes: 1 << 30,
+            power_loss_after_ns: rng.random_range(500_000..40_000_000),
+            world: {
+                let high_bytes = [512u64 << 10, 2 << 20, 8 << 20][rng.random_range(0..3)];
+                serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
+                    "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } } })
+            },
+        };
+        serde_json::to_value(params).expect("params serialize")
+    }
+
+    fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
+        let params: Params = serde_json::from_value(context.params.clone())
+            .map_err(|e| format!("fsstress parameters: {e}"))?;
+        let state = Rc::new(RefCell::new(State::default()));
+        let setup = setup(context.env.clone(), context.fix, params.clone(), context.seed, state.clone());
+        context.env.spawn("fsstress-setup", TaskKind::Workload, Box::pin(setup));
+        Ok(Box::new(FsstressRun { params, state }))
+    }
+}
+
+/// A file of the model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileModel {
+    id: u64,
+    content: Vec<u8>,
+    /// The sequence number of the last operation that changed it (name or
+    /// content), set when that operation starts.
+    changed_at: u64,
+    /// An operation is changing it now.
+    busy: bool,
+}
+
+#[derive(Default)]
+struct State {
+    fs: Option<Rc<FsInfo>>,
+    power_loss_at_ns: Option<u64>,
+    /// path -> file, every task's.
+    files: BTreeMap<String, FileModel>,
+    next_id: u64,
+    /// Operations started, all tasks (the sequence numbers).
+    seq: u64,
+    /// Files that must survive a crash: id -> (path, content).
+    durable: BTreeMap<u64, (String, Vec<u8>)>,
+    ops_completed: u64,
+    syncs: u64,
+    writes: u64,
+    reads: u64,
+    stopped: bool,
+    stats: serde_json::Value,
+}
+
+async fn setup(env: Rc<dyn Env>, fix: FixPolicy, params: Params, seed: u64, state: Rc<RefCell<State>>) {
+    let Some(fs) = mkfs_and_mount_or_report(&env, params.device_bytes, params.nodesize, fix).await else {
+        return;
+    };
+    for task in 0..params.tasks {
+        if let Err(error) = engine::inode::mkdir(&fs, engine::inode::ROOT_DIR_INO, &format!("t{task}")).await
+        {
+            env.report_violation(Violation {
+                kind: "fsstress_model",
+                message: format!("mkdir /t{task}: {error}"),
+            });
+            return;
+        }
+    }
+    if let Err(error) = engine::file::sync_fs(&fs).await {
+        env.report_violation(Violation { kind: "fsstress_model", message: format!("setup sync: {error}") });
+        return;
+    }
+    {
+        let mut state = state.borrow_mut();
+        state.fs = Some(fs.clone());
+        state.power_loss_at_ns = Some(env.now_ns() + params.power_loss_after_ns);
+    }
+    for task in 0..params.tasks {
+        let rng = stream(seed, &format!("scenario.task{task}"));
+        let worker = work(env.clone(), fs.clone(), params.clone(), task, rng, state.clone());
+        env.spawn(&format!("fsstress-{task}"), TaskKind::Workload, Box::pin(worker));
+    }
+}
+
+enum Action {
+    Create(String),
+    Write { path: String, offset: u64, len: u64, byte: u8 },
+    Truncate { path: String, size: u64 },
+    Punch { path: String, offset: u64, len: u64 },
+    Read { path: String, offset: u64, len: u64 },
+    Rename { from: String, to: String },
+    Unlink(String),
+    Sync,
+}
+
+fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
+    let path = |rng: &mut ChaCha8Rng| format!("t{task}/f{}", rng.random_range(0..params.names));
+    let max = params.max_file_bytes;
+    if rng.random_range(0..100) < params.sync_percent {
+        return Action::Sync;
+    }
+    match rng.random_range(0..100) {
+        0..15 => Action::Create(path(rng)),
+        15..50 => {
+            let len = rng.random_range(1..=(max / 4).max(1));
+            Action::Write { path: path(rng), offset: rng.random_range(0..max - len), len, byte: rng.random() }
+        }
+        50..58 => Action::Truncate { path: path(rng), size: rng.random_range(0..max) },
+        58..66 => Action::Punch {
+            path: path(rng),
+            offset: rng.random_range(0..max),
+            len: rng.random_range(1..max / 2),
+        },
+        66..84 => {
+            Action::Read { path: path(rng), offset: rng.random_range(0..max), len: rng.random_range(1..max) }
+        }
+        84..92 => Action::Rename { from: path(rng), to: path(rng) },
+        _ => Action::Unlink(path(rng)),
+    }
+}
+
+fn report(env: &dyn Env, state: &RefCell<State>, message: String) {
+    env.report_violation(Violation { kind: "fsstress_model", message });
+    state.borrow_mut().stopped = true;
+}
+
+/// Mark the files at `paths` as being changed by operation `seq`: whatever
+/// an earlier sync made durable of them no longer holds.
+fn start_change(state: &RefCell<State>, seq: u64, paths: &[&str]) {
+    let mut state = state.borrow_mut();
+    for path in paths {
+        let Some(file) = state.files.get_mut(*path) else { continue };
+        file.changed_at = seq;
+        file.busy = true;
+        let id = file.id;
+        state.durable.remove(&id);
+    }
+}
+
+fn end_change(state: &RefCell<State>, paths: &[&str]) {
+    let mut state = state.borrow_mut();
+    for path in paths {
+        if let Some(file) = state.files.get_mut(*path) {
+            file.busy = false;
+        }
+    }
+}
+
+async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Action) -> Result<(), String> {
+    use engine::file::{punch_hole, read, truncate, write};
+    use engine::inode::{create, rename, resolve, resolve_parent, unlink};
+    let file = |path: &str| state.borrow().files.get(path).cloned();
+    let resolve_file =
+        |path: String| async move { resolve(fs, &path).await.map_err(|e| format!("resolve {path}: {e}")) };
+    match action {
+        Action::Create(path) => {
+            let exists = file(&path).is_some();
+            let (dir, name) = resolve_parent(fs, &path).await.map_err(|e| e.to_string())?;
+            match (create(fs, dir, &name).await, exists) {
+                (Ok(_), false) => {
+                    let mut state = state.borrow_mut();
+                    state.next_id += 1;
+                    let id = state.next_id;
+                    state
+                        .files
+                        .insert(path, FileModel { id, content: Vec::new(), changed_at: seq, busy: false });
+                    Ok(())
+                }
+                (Err(Error::Eexist), true) => Ok(()),
+                (result, _) => Err(format!("create {path}: {result:?}, the model says exists={exists}")),
+            }
+        }
+        Action::Write { path, offset, len, byte } => {
+            if file(&path).is_none() {
+                return Ok(());
+            }
+            let ino = resolve_file(path.clone()).await?;
+            let data = vec![byte; len as usize];
+            write(fs, ino, offset, &data).await.map_err(|e| format!("write {path} {offset}+{len}: {e}"))?;
+            let mut state = state.borrow_mut();
+            state.writes += 1;
+            let model = state.files.get_mut(&path).expect("the file exists");
+            let end = (offset + len) as usize;
+            if model.content.len() < end {
+                model.content.resize(end, 0);
+            }
+            model.content[offset as usize..end].copy_from_slice(&data);
+            Ok(())
+        }
+        Action::Truncate { path, size } => {
+            if file(&path).is_none() {
+                return Ok(());
+            }
+            let ino = resolve_file(path.clone()).await?;
+            truncate(fs, ino, size).await.map_err(|e| format!("truncate {path} to {size}: {e}"))?;
+            let mut state = state.borrow_mut();
+            state.files.get_mut(&path).expect("the file exists").content.resize(size as usize, 0);
+            Ok(())
+        }
+        Action::Punch { path, offset, len } => {
+            if file(&path).is_none() {
+                return Ok(());
+            }
+            let ino = resolve_file(path.clone()).await?;
+            punch_hole(fs, ino, offset, len)
+                .await
+                .map_err(|e| format!("punch {path} {offset}+{len}: {e}"))?;
+            let mut state = state.borrow_mut();
+            let model = state.files.get_mut(&path).expect("the file exists");
+            let end = ((offset + len) as usize).min(model.content.len());
+            if (offset as usize) < end {
+                model.content[offset as usize..end].fill(0);
+            }
+            Ok(())
+        }
+        Action::Read { path, offset, len } => {
+            let Some(model) = file(&path) else { return Ok(()) };
+            let ino = resolve_file(path.clone()).await?;
+            let got = read(fs, ino, offset, len).await.map_err(|e| format!("read {path}: {e}"))?;
+            state.borrow_mut().reads += 1;
+            let from = (offset as usize).min(model.content.len());
+            let to = ((offset + len) as usize).min(model.content.len());
+            let expected = &model.content[from..to];
+            if got == expected {
+                return Ok(());
+            }
+            let at =
+                got.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(got.len().min(expected.len()));
+            Err(format!(
+                "read {path} {offset}+{len}: {} bytes, the model has {}; first difference at byte {}",
+                got.len(),
+                expected.len(),
+                offset as usize + at
+            ))
+        }
+        Action::Rename { from, to } => {
+            let source = file(&from);
+            let (old_dir, old_name) = resolve_parent(fs, &from).await.map_err(|e| e.to_string())?;
+            let (new_dir, new_name) = resolve_parent(fs, &to).await.map_err(|e| e.to_string())?;
+            match (rename(fs, old_dir, &old_name, new_dir, &new_name).await, source) {
+                (Ok(()), Some(_)) => {
+                    let mut state = state.borrow_mut();
+                    if from != to {
+                        let moved = state.files.remove(&from).expect("the source exists");
+                        state.files.insert(to, moved);
+                    }
+                    Ok(())
+                }
+                (Err(Error::Enoent), None) => Ok(()),
+                (result, source) => {
+                    Err(format!("rename {from} {to}: {result:?}, source exists={}", source.is_some()))
+                }
+            }
+        }
+        Action::Unlink(path) => {
+            let model = file(&path);
+            let (dir, name) = resolve_parent(fs, &path).await.map_err(|e| e.to_string())?;
+            match (unlink(fs, dir, &name).await, model) {
+                (Ok(()), Some(_)) => {
+                    state.borrow_mut().files.remove(&path);
+                    Ok(())
+                }
+                (Err(Error::Enoent), None) => Ok(()),
+                (result, model) => Err(format!("unlink {path}: {result:?}, exists={}", model.is_some())),
+            }
+        }
+        Action::Sync => {
+            // Files no operation is changing now are on disk once the sync returns.
+            let before: Vec<(String, FileModel)> = state
+                .borrow()
+                .files
+                .iter()
+                .filter(|(_, f)| !f.busy)
+                .map(|(p, f)| (p.clone(), f.clone()))
+                .collect();
+            engine::file::sync_fs(fs).await.map_err(|e| format!("sync: {e}"))?;
+            let mut state = state.borrow_mut();
+            state.syncs += 1;
+            for (path, synced) in before {
+                let unchanged = state
+                    .files
+                    .get(&path)
+                    .is_some_and(|f| f.id == synced.id && f.changed_at == synced.changed_at);
+                if unchanged {
+                    state.durable.insert(synced.id, (path, synced.content));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn work(
+    env: Rc<dyn Env>,
+    fs: Rc<FsInfo>,
+    params: Params,
+    task: u32,
+    mut rng: ChaCha8Rng,
+    state: Rc<RefCell<State>>,
+) {
+    for _ in 0..params.ops_per_task {
+        if state.borrow().stopped || fs.trans.fs_error.get().is_some() {
+            return;
+        }
+        let action = pick_action(&mut rng, &params, task);
+        // Data operations on a name that is free create it instead, so most
+        // operations do something.
+        let action = match action {
+            Action::Write { path, .. }
+            | Action::Truncate { path, .. }
+            | Action::Punch { path, .. }
+            | Action::Read { path, .. }
+                if !state.borrow().files.contains_key(&path) =>
+            {
+                Action::Create(path)
+            }
+            other => other,
+        };
+        let seq = {
+            let mut state = state.borrow_mut();
+            state.seq += 1;
+            state.seq
+        };
+        let changes: Vec<String> = match &action {
+            Action::Write { path, .. }
+            | Action::Truncate { path, .. }
+            | Action::Punch { path, .. }
+            | Action::Unlink(path) => {
+                vec![path.clone()]
+            }
+            Action::Rename { from, to } => vec![from.clone(), to.clone()],
+            Action::Create(_) | Action::Read { .. } | Action::Sync => Vec::new(),
+        };
+        let paths: Vec<&str> = changes.iter().map(String::as_str).collect();
+        start_change(&state, seq, &paths);
+        let outcome = do_action(&fs, &state, seq, action).await;
+        // A renamed file is busy under its new name.
+        let mut after = paths.clone();
+        after.extend(changes.iter().map(String::as_str));
+        end_change(&state, &after);
+        match outcome {
+            Ok(()) => state.borrow_mut().ops_completed += 1,
+            Err(_) if fs.trans.fs_error.get().is_some() => return,
+            Err(message) => {
+                report(&*env, &state, format!("task {task}: {message}"));
+                return;
+            }
+        }
+        env.switch_point(SwitchPoint::Workload).await;
+    }
+    env.trace(TraceEvent::Note { what: "fsstress.task_done", a: u64::from(task), b: 0, c: 0 });
+}
+
+struct FsstressRun {
+    params: Params,
+    state: Rc<RefCell<State>>,
+}
+
+/// Mount the recovered image, then check the durable files and read every file.
+async fn recover(env: Rc<dyn Env>, state: Rc<RefCell<State>>) {
+    let Some(report) = check_after_power_loss(&env).await else { return };
+    let fs = match engine::disk_io::open_ctree(env.clone(), FixPolicy::None).await {
+        Ok(fs) => fs,
+        Err(error) => {
+            env.report_violation(Violation {
+                kind: "mount",
+                message: format!("mount after power loss: {error}"),
+            });
+            return;
+        }
+    };
+    let durable = state.borrow().durable.clone();
+    let mut checked = 0u64;
+    for (path, content) in durable.values() {
+        let found = match engine::inode::resolve(&fs, path).await {
+            Ok(ino) => engine::file::read(&fs, ino, 0, u64::MAX).await,
+            Err(error) => Err(error),
+        };
+        checked += 1;
+        if found.as_ref() != Ok(content) {
+            let what = match &found {
+                Ok(bytes) => format!(
+                    "{} bytes, first difference at {}",
+                    bytes.len(),
+                    bytes
+                        .iter()
+                        .zip(content)
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(bytes.len().min(content.len()))
+                ),
+                Err(error) => error.to_string(),
+            };
+            env.report_violation(Violation {
+                kind: "crash_data",
+                message: format!(
+                    "after power loss /{path} should hold its {} synced bytes: {what}",
+                    content.len()
+                ),
+            });
+            break;
+        }
+    }
+    let mut read_back = 0u64;
+    for (path, kind) in &report.namespace {
+        if let engine::check::EntryKind::File { ino } = kind {
+            if engine::file::read(&fs, *ino, 0, u64::MAX).await.is_err() {
+                env.report_violation(Violation {
+                    kind: "crash_data",
+                    message: format!("after power loss {path} does not read back"),
+                });
+                break;
+            }
+            read_back += 1;
+        }
+    }
+    state.borrow_mut().stats = serde_json::json!({
+        "trees": tree_stats(&report),
+        "recovered_generation": report.generation,
+        "durable_files_checked": checked,
+        "files_read_back": read_back,
+    });
+}
+
+impl ScenarioRun for FsstressRun {
+    fn power_loss_at_ns(&self) -> Option<u64> {
+        self.state.borrow().power_loss_at_ns
+    }
+
+    fn after_power_loss(&mut self, env: Rc<dyn Env>) {
+        env.spawn("recovery", TaskKind::Workload, Box::pin(recover(env.clone(), self.state.clone())));
+    }
+
+    fn finish(&mut self, _env: &dyn Env) -> ScenarioReport {
+        let state = self.state.borrow();
+        let mut stats = if state.stats.is_null() { serde_json::json!({}) } else { state.stats.clone() };
+        stats["syncs"] = state.syncs.into();
+        stats["writes"] = state.writes.into();
+        stats["reads"] = state.reads.into();
+        stats["durable_files"] = (state.durable.len() as u64).into();
+        stats["crashed_mid_workload"] =
+            (state.ops_completed < u64::from(self.params.ops_per_task * self.params.tasks)).into();
+        if let (Some(fs), Some(sections)) = (&state.fs, stats.as_object_mut()) {
+            sections.extend(engine_stats(fs).as_object().cloned().unwrap_or_default());
+            let data = &fs.page_cache.stats;
+            sections.insert(
+                "data".to_string(),
+                serde_json::json!({
+                    "ordered_extents": data.ordered_extents.get(),
+                    "ordered_bytes": data.ordered_bytes.get(),
+                    "inline_extents": data.inline_extents.get(),
+                    "page_reads": data.page_reads.get(),
+                    "pages_evicted": data.pages_evicted.get(),
+                    "csum_failures": data.csum_failures.get(),
+                }),
+            );
+        }
+        ScenarioReport { ops_completed: state.ops_completed, stats }
+    }
+}
