@@ -19,9 +19,9 @@ use crate::extent_io::{
     set_extent_buffer_uptodate,
 };
 use crate::format::{
-    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_DATA_REF_KEY,
-    EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID, ExtentDataRef,
-    ExtentItem, HEADER_FLAG_WRITTEN, InlineRef, Key, METADATA_ITEM_KEY,
+    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_DATA,
+    EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID, ExtentDataRef, ExtentItem,
+    HEADER_FLAG_WRITTEN, InlineRef, Key, METADATA_ITEM_KEY,
 };
 use crate::fs::FsInfo;
 use crate::locking::tree_lock;
@@ -339,7 +339,6 @@ fn data_extent_item(generation: u64, refs: &std::collections::BTreeMap<DataRefKe
 /// insert its EXTENT_ITEM if it is new, change the counts of its inline
 /// refs, or delete it and free the extent when no reference is left.
 async fn run_data_head(handle: &TransHandle, head: &DataRefHead) -> Result<(), Error> {
-    debug_assert!(crate::format::extent_inline_ref_size(EXTENT_DATA_REF_KEY).is_some());
     let fs = &handle.fs;
     let extent_root = fs.root(EXTENT_TREE_OBJECTID);
     let key = data_extent_key(head);

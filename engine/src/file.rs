@@ -52,13 +52,14 @@ use crate::block_rsv::{
 use crate::ctree::{
     Path, Root, del_items, insert_item, next_leaf, search_slot, set_item_key_safe, truncate_item,
 };
+use crate::delayed_ref::DataRefKey;
 use crate::env::{Bio, BioStatus, CacheCounts, Shrinker, SyncMode, TaskKind, TraceEvent, Violation, WaitOn};
 use crate::error::Error;
 use crate::extent_tree::{free_unused_data_extent, reserve_data_extent};
 use crate::file_item::{csum_bytes_to_leaves, csum_file_blocks, lookup_csum};
 use crate::format::{
-    BLOCK_GROUP_DATA, EXTENT_DATA_KEY, FILE_EXTENT_INLINE, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem,
-    Key, csum_data, max_inline_data_size,
+    BLOCK_GROUP_DATA, EXTENT_DATA_KEY, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem, Key, csum_data,
+    max_inline_data_size,
 };
 use crate::fs::FsInfo;
 use crate::inode::{dirty_inode, iget, lock_inode, update_inode};
@@ -192,19 +193,6 @@ impl PageCache {
     /// Bytes of pages of each state.
     pub fn counts(&self) -> CacheCounts {
         self.counts.get()
-    }
-
-    /// Pages of `ino` that are dirty.
-    pub fn dirty_pages(&self, ino: u64) -> u64 {
-        self.inodes
-            .borrow()
-            .get(&ino)
-            .map_or(0, |i| i.pages.values().filter(|p| p.state == PageState::Dirty).count() as u64)
-    }
-
-    /// Ordered extents not yet finished.
-    pub fn ordered_in_flight(&self) -> usize {
-        self.in_flight.borrow().len()
     }
 
     /// The metadata held for delalloc, over every inode.
@@ -344,21 +332,8 @@ impl FoundExtent {
         }
     }
 
-    fn ref_key(&self, ino: u64) -> Option<(u64, u64, crate::delayed_ref::DataRefKey)> {
-        match self.item.body {
-            FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. } if disk_bytenr != 0 => {
-                Some((
-                    disk_bytenr,
-                    disk_num_bytes,
-                    crate::delayed_ref::DataRefKey {
-                        root: FS_TREE_OBJECTID,
-                        objectid: ino,
-                        offset: self.key.offset - offset,
-                    },
-                ))
-            }
-            _ => None,
-        }
+    fn ref_key(&self, ino: u64) -> Option<(u64, u64, DataRefKey)> {
+        data_ref_of(FS_TREE_OBJECTID, ino, &self.key, &self.item)
     }
 
     /// Bytes this item adds to the inode's `nbytes`.
@@ -368,6 +343,24 @@ impl FoundExtent {
             FileExtentBody::Regular { disk_bytenr: 0, .. } => 0,
             FileExtentBody::Regular { num_bytes, .. } => *num_bytes,
         }
+    }
+}
+
+/// The data extent a file extent item of `ino` in tree `root` references
+/// and the reference it holds (bytenr, length, key), if it names one.
+pub(crate) fn data_ref_of(
+    root: u64,
+    ino: u64,
+    key: &Key,
+    item: &FileExtentItem,
+) -> Option<(u64, u64, DataRefKey)> {
+    match item.body {
+        FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. } if disk_bytenr != 0 => Some((
+            disk_bytenr,
+            disk_num_bytes,
+            DataRefKey { root, objectid: ino, offset: key.offset - offset },
+        )),
+        _ => None,
     }
 }
 
@@ -523,18 +516,13 @@ async fn truncate_inline(
         }
         let Some(path) = relock_extent(handle, root, &extent, 0).await? else { continue };
         let cut = data.len() as u64 - new_size;
-        truncate_item(
-            handle,
-            &path,
-            (crate::format::FILE_EXTENT_INLINE_DATA_START as u64 + new_size) as u32,
-            true,
-        );
-        let leaf = path.leaf().clone();
-        {
-            let mut image = leaf.data.borrow_mut();
-            let item = crate::accessors::item_data_mut(&mut image, path.slots[0]);
-            item[8..16].copy_from_slice(&new_size.to_le_bytes());
-        }
+        let shorter = FileExtentItem {
+            ram_bytes: new_size,
+            body: FileExtentBody::Inline(data[..new_size as usize].to_vec()),
+            ..extent.item.clone()
+        };
+        truncate_item(handle, &path, shorter.encoded_len() as u32, true);
+        rewrite_extent(handle, &path, &shorter);
         adjust_nbytes(&handle.fs, ino, -(cut as i64));
         return Ok(());
     }
@@ -1169,7 +1157,6 @@ async fn cow_file_range_inline(fs: &Rc<FsInfo>, ino: u64, size: u64) -> Result<(
         let result = async {
             drop_extents(&handle, &root, ino, 0, PAGE_SIZE).await?;
             let item = FileExtentItem::inline(handle.transid, data.clone());
-            debug_assert_eq!(item.extent_type, FILE_EXTENT_INLINE);
             insert_item(&handle, &root, &Key::new(ino, EXTENT_DATA_KEY, 0), &item.to_bytes()).await?;
             adjust_nbytes(fs, ino, size as i64);
             safe_disk_i_size_write(fs, ino, Some(0));
@@ -1217,6 +1204,7 @@ async fn finish_ordered_io(fs: &Rc<FsInfo>, oe: OrderedExtent) {
             }
             Err(_) => {
                 // Read-only after an abort: the extent is never referenced.
+                free_unused_data_extent(fs, oe.disk_bytenr, oe.len);
                 release_meta(fs, oe.meta_share);
                 false
             }
@@ -1262,8 +1250,7 @@ async fn insert_ordered_extent(
     drop_extents(handle, root, oe.ino, oe.file_offset, end).await?;
     let item = FileExtentItem::regular(handle.transid, oe.disk_bytenr, oe.len);
     insert_item(handle, root, &Key::new(oe.ino, EXTENT_DATA_KEY, oe.file_offset), &item.to_bytes()).await?;
-    let key =
-        crate::delayed_ref::DataRefKey { root: FS_TREE_OBJECTID, objectid: oe.ino, offset: oe.file_offset };
+    let key = DataRefKey { root: FS_TREE_OBJECTID, objectid: oe.ino, offset: oe.file_offset };
     handle.transaction.delayed_refs.add_data_ref(oe.disk_bytenr, oe.len, key, 1, true);
     adjust_nbytes(fs, oe.ino, oe.len as i64);
     csum_file_blocks(handle, oe.disk_bytenr, &oe.sums).await?;
@@ -1304,12 +1291,16 @@ pub fn start_endio_worker(fs: &Rc<FsInfo>) {
     fs.env.spawn("btrfs-endio-write", TaskKind::Daemon, Box::pin(worker));
 }
 
+/// The dirty runs writeback may start on `ino` now (none while blocked).
+fn writeback_runs(fs: &FsInfo, ino: u64) -> Vec<(u64, u64)> {
+    fs.page_cache
+        .with(ino, |inode| if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) })
+}
+
 /// Start writeback of every dirty run of `ino`; with `inline`, runs that
 /// become inline extents too (they need a transaction).
 async fn writepages(fs: &Rc<FsInfo>, ino: u64, inline: bool) -> Result<u64, Error> {
-    let runs = fs
-        .page_cache
-        .with(ino, |inode| if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) });
+    let runs = writeback_runs(fs, ino);
     let mut written = 0;
     for (first, n) in runs {
         if let Some(size) = inline_candidate(fs, ino, first) {
@@ -1377,9 +1368,7 @@ fn writeback_nowait(fs: &Rc<FsInfo>, nr_bytes: u64) -> u64 {
             fs.page_cache.cursor.set(ino);
             break;
         }
-        let runs = fs.page_cache.with(ino, |inode| {
-            if inode.writeback_blocked > 0 { Vec::new() } else { dirty_runs(&inode.pages) }
-        });
+        let runs = writeback_runs(fs, ino);
         for (first, n) in runs {
             if inline_candidate(fs, ino, first).is_some() {
                 continue;

@@ -256,15 +256,9 @@ fn drop_data_refs(handle: &TransHandle, path: &Path, first: usize, last: usize, 
         let Ok(item) = crate::format::FileExtentItem::read(crate::accessors::item_data(&image, slot)) else {
             continue;
         };
-        if let crate::format::FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. } = item.body
-            && disk_bytenr != 0
+        if let Some((bytenr, len, ref_key)) = crate::file::data_ref_of(handle.root_objectid, ino, &key, &item)
         {
-            let ref_key = crate::delayed_ref::DataRefKey {
-                root: handle.root_objectid,
-                objectid: ino,
-                offset: key.offset - offset,
-            };
-            handle.transaction.delayed_refs.add_data_ref(disk_bytenr, disk_num_bytes, ref_key, -1, false);
+            handle.transaction.delayed_refs.add_data_ref(bytenr, len, ref_key, -1, false);
         }
     }
 }

@@ -404,10 +404,8 @@ async fn work(
         let paths: Vec<&str> = changes.iter().map(String::as_str).collect();
         start_change(&state, seq, &paths);
         let outcome = do_action(&fs, &state, seq, action).await;
-        // A renamed file is busy under its new name.
-        let mut after = paths.clone();
-        after.extend(changes.iter().map(String::as_str));
-        end_change(&state, &after);
+        // A renamed file ends its change under its new name, in `paths` too.
+        end_change(&state, &paths);
         match outcome {
             Ok(()) => state.borrow_mut().ops_completed += 1,
             Err(_) if fs.trans.fs_error.get().is_some() => return,
