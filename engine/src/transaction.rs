@@ -477,7 +477,14 @@ pub async fn update_root(handle: &TransHandle, root: &Root) -> Result<(), Error>
 pub async fn sync(fs: &Rc<FsInfo>) -> Result<(), Error> {
     check_fs_error(fs)?;
     if fs.trans.running.borrow().is_none() {
-        return Ok(());
+        // Nothing runs, but the last commit may still be writing: what the
+        // caller did is only on disk once it completes (the kernel's
+        // btrfs_attach_transaction_barrier waits for it).
+        let committing = fs.trans.committing.borrow().clone();
+        return match committing {
+            Some(transaction) => wait_for_commit(fs, &transaction).await,
+            None => Ok(()),
+        };
     }
     let handle = join_transaction(fs, "sync").await?;
     commit_transaction(handle).await
@@ -519,7 +526,11 @@ pub async fn commit_transaction(handle: TransHandle) -> Result<(), Error> {
     result
 }
 
+/// Wait until `transaction` completes its commit (or the filesystem fails).
 async fn wait_for_commit(fs: &Rc<FsInfo>, transaction: &Rc<Transaction>) -> Result<(), Error> {
+    if transaction.state() == TransState::Completed {
+        return check_fs_error(fs);
+    }
     fs.env.wait_on(WaitOn::Transaction { what: "commit to complete" });
     let (waiting, fs_waiting) = (transaction.clone(), fs.clone());
     transaction
@@ -547,15 +558,7 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
         && previous.transid < handle.transid
         && previous.state() < TransState::Completed
     {
-        fs.env.wait_on(WaitOn::Transaction { what: "previous commit to complete" });
-        let (waiting, fs_waiting) = (previous.clone(), fs.clone());
-        previous
-            .wait
-            .wait_until(move || {
-                waiting.state() == TransState::Completed || fs_waiting.trans.fs_error.get().is_some()
-            })
-            .await;
-        check_fs_error(fs)?;
+        wait_for_commit(fs, &previous).await?;
     }
     fs.env.wait_on(WaitOn::Transaction { what: "writers to end" });
     let (waiting, fs_waiting) = (transaction.clone(), fs.clone());
