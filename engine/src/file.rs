@@ -489,8 +489,12 @@ pub async fn drop_extents(
             adjust_nbytes(fs, ino, -((e_end - start) as i64));
             cur = e_end;
         } else {
-            // Starts inside, ends beyond: keep the part after `end`.
-            let Some(path) = relock_extent(handle, root, &extent, 0).await? else { continue };
+            // Starts inside, ends beyond: keep the part after `end`. The
+            // key changes, and with it the parents' keys if the item is
+            // first in its leaf: they must be write-locked too (a search
+            // announcing a deletion write-locks two levels up, as the
+            // kernel's btrfs_drop_extents searches).
+            let Some(path) = relock_extent(handle, root, &extent, -1).await? else { continue };
             rewrite_extent(handle, &path, &with_range(&extent.item, end - e_start, e_end - end));
             set_item_key_safe(handle, &path, &Key::new(ino, EXTENT_DATA_KEY, end));
             adjust_nbytes(fs, ino, -((end - e_start) as i64));
