@@ -91,6 +91,12 @@ impl BlockGroup {
         free.insert(start, len);
     }
 
+    /// Whether `[bytenr, bytenr + num_bytes)` is free space.
+    pub fn is_free(&self, bytenr: u64, num_bytes: u64) -> bool {
+        let free = self.free.borrow();
+        free.range(..=bytenr).next_back().is_some_and(|(&start, &len)| bytenr + num_bytes <= start + len)
+    }
+
     /// Mark a range allocated while rebuilding free space at mount.
     pub fn exclude(&self, bytenr: u64, num_bytes: u64) {
         let mut free = self.free.borrow_mut();

@@ -578,8 +578,8 @@ pub fn validate_super(sb: &SuperBlock) -> Result<(), &'static str> {
     if sb.num_devices != 1 || sb.dev_item.devid != DEVID {
         return Err("more than one device");
     }
-    if sb.log_root != 0 {
-        return Err("log tree to replay");
+    if sb.log_root % u64::from(sb.sectorsize) != 0 {
+        return Err("log root unaligned");
     }
     if sb.incompat_flags & UNSUPPORTED_INCOMPAT != 0 {
         return Err("unsupported incompat features");
@@ -753,6 +753,9 @@ pub fn fill_super_for_commit(fs: &FsInfo, transid: u64) -> Result<SuperBlock, Er
     let tree_root = node(ROOT_TREE_OBJECTID).expect("no root tree");
     let chunk_root = node(CHUNK_TREE_OBJECTID).expect("no chunk tree");
     sb.generation = transid;
+    // A commit makes any log redundant.
+    sb.log_root = 0;
+    sb.log_root_level = 0;
     sb.root = tree_root.start;
     sb.root_level = tree_root.level();
     sb.chunk_root = chunk_root.start;
@@ -915,6 +918,10 @@ pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, 
     let fs = mount_trees(env, fix).await?;
     crate::transaction::start_space_flusher(&fs);
     crate::transaction::start_transaction_kthread(&fs);
+    let sb = fs.volumes.super_copy().expect("mounted");
+    if sb.log_root != 0 {
+        crate::tree_log::recover_log_trees(&fs, sb.log_root, sb.log_root_level).await?;
+    }
     Ok(fs)
 }
 

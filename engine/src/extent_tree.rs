@@ -21,7 +21,7 @@ use crate::extent_io::{
 use crate::format::{
     BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_DATA,
     EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID, ExtentDataRef, ExtentItem,
-    HEADER_FLAG_WRITTEN, InlineRef, Key, METADATA_ITEM_KEY,
+    HEADER_FLAG_WRITTEN, InlineRef, Key, METADATA_ITEM_KEY, TREE_LOG_OBJECTID,
 };
 use crate::fs::FsInfo;
 use crate::locking::tree_lock;
@@ -74,8 +74,13 @@ pub async fn alloc_tree_block(
         },
     );
     set_extent_buffer_uptodate(&eb);
+    if root.objectid == TREE_LOG_OBJECTID {
+        // Log blocks are not in the extent tree.
+        fs.log.block_allocated(bytenr);
+    } else {
+        handle.transaction.delayed_refs.add_tree_ref(bytenr, level, root.objectid, true);
+    }
     mark_buffer_dirty(handle, &eb);
-    handle.transaction.delayed_refs.add_tree_ref(bytenr, level, root.objectid, true);
     Ok(eb)
 }
 
@@ -151,7 +156,11 @@ pub fn free_tree_block(handle: &TransHandle, root: &Root, eb: &ExtentBuffer) {
         clear_extent_buffer_dirty(eb);
         handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
     }
-    handle.transaction.delayed_refs.add_tree_ref(eb.start, eb.level(), root.objectid, false);
+    if root.objectid == TREE_LOG_OBJECTID {
+        fs.log.block_freed(eb.start);
+    } else {
+        handle.transaction.delayed_refs.add_tree_ref(eb.start, eb.level(), root.objectid, false);
+    }
     let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     fs.block_groups.free_extent(eb.start, nodesize, pin);
     adjust_root_bytes_used(root, -(nodesize as i64));
@@ -167,6 +176,39 @@ pub fn free_tree_block(handle: &TransHandle, root: &Root, eb: &ExtentBuffer) {
         }
         free_extent_buffer_stale(fs, eb);
     }
+}
+
+/// `btrfs_pin_extent_for_log_replay`: a block of the log being replayed
+/// is not in the extent tree, so mount counted it free; it stays pinned
+/// until the replay commits, so that replay's own allocations cannot
+/// overwrite the log.
+pub fn pin_extent_for_log_replay(handle: &TransHandle, bytenr: u64, len: u64) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let group = fs.block_groups.lookup(bytenr).filter(|g| g.is_free(bytenr, len)).ok_or_else(|| {
+        Error::BadTreeBlock(format!("log tree block {bytenr} is not in free space of a block group"))
+    })?;
+    group.exclude(bytenr, len);
+    group.pinned.set(group.pinned.get() + len);
+    if let Some(space) = fs.space.get() {
+        space.for_flags(group.flags).update_bytes_pinned(len as i64);
+    }
+    handle.transaction.pinned.borrow_mut().insert(bytenr, len);
+    Ok(())
+}
+
+/// `btrfs_exclude_logged_extents`: a data extent a replayed log names that
+/// the extent tree lacks (written after the last commit) is taken out of
+/// free space as reserved; its item is inserted when its delayed ref runs.
+pub fn exclude_logged_extent(fs: &FsInfo, bytenr: u64, num_bytes: u64) -> Result<(), Error> {
+    let group = fs.block_groups.lookup(bytenr).filter(|g| g.is_free(bytenr, num_bytes)).ok_or_else(|| {
+        Error::BadTreeBlock(format!("logged data extent {bytenr}+{num_bytes} is not in free space"))
+    })?;
+    group.exclude(bytenr, num_bytes);
+    if let Some(space) = fs.space.get() {
+        space.data.update_bytes_may_use(num_bytes as i64);
+        space.data.add_reserved_bytes(num_bytes, num_bytes);
+    }
+    Ok(())
 }
 
 /// Unpin everything a committed transaction pinned (kernel: unpin_extent_range).

@@ -48,15 +48,44 @@ pub fn csum_bytes_to_leaves(fs: &FsInfo, num_bytes: u64) -> u64 {
 
 /// `btrfs_csum_file_blocks`: insert the sums of the sectors from `bytenr` on.
 pub async fn csum_file_blocks(handle: &TransHandle, bytenr: u64, sums: &[u32]) -> Result<(), Error> {
-    let fs = &handle.fs;
-    let root = csum_root(fs);
+    insert_csums(handle, &csum_root(&handle.fs), bytenr, sums).await.map(|_| ())
+}
+
+/// The sums of every sector of `[bytenr, bytenr + len)`; EIO-like
+/// corruption if one is missing.
+pub async fn lookup_csums(fs: &FsInfo, bytenr: u64, len: u64) -> Result<Vec<u32>, Error> {
     let sector = u64::from(fs.sectorsize);
-    for (i, chunk) in sums.chunks(per_item(fs)).enumerate() {
-        let start = bytenr + (i * per_item(fs)) as u64 * sector;
-        let payload: Vec<u8> = chunk.iter().flat_map(|sum| sum.to_le_bytes()).collect();
-        insert_item(handle, &root, &csum_key(start), &payload).await?;
+    let mut sums = Vec::with_capacity((len / sector) as usize);
+    for at in (bytenr..bytenr + len).step_by(sector as usize) {
+        match lookup_csum(fs, at).await? {
+            Some(sum) => sums.push(sum),
+            None => {
+                return Err(Error::BadTreeBlock(format!("data extent {bytenr}+{len} has no sum at {at}")));
+            }
+        }
     }
-    Ok(())
+    Ok(sums)
+}
+
+/// Insert `sums`, the sums of the sectors from `bytenr` on, into `root`
+/// (the checksum tree or a log tree) in items of at most
+/// [`MAX_CSUMS_PER_ITEM`]; returns the keys inserted.
+pub async fn insert_csums(
+    handle: &TransHandle,
+    root: &Rc<Root>,
+    bytenr: u64,
+    sums: &[u32],
+) -> Result<Vec<Key>, Error> {
+    let fs = &handle.fs;
+    let sector = u64::from(fs.sectorsize);
+    let mut keys = Vec::new();
+    for (i, chunk) in sums.chunks(per_item(fs)).enumerate() {
+        let key = csum_key(bytenr + (i * per_item(fs)) as u64 * sector);
+        let payload: Vec<u8> = chunk.iter().flat_map(|sum| sum.to_le_bytes()).collect();
+        insert_item(handle, root, &key, &payload).await?;
+        keys.push(key);
+    }
+    Ok(keys)
 }
 
 /// `btrfs_del_csums`: delete the sums of every sector in `[bytenr, bytenr +

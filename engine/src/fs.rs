@@ -114,6 +114,8 @@ pub struct FsInfo {
     /// File pages, ordered extents and the endio worker's queue (see
     /// [`crate::file`]).
     pub page_cache: crate::file::PageCache,
+    /// The log trees and what fsync knows of inodes.
+    pub log: crate::tree_log::LogControl,
     /// Every tree, by objectid (root tree 1, extent 2, chunk 3, dev 4, fs 5, csum 7).
     pub roots: std::cell::RefCell<std::collections::BTreeMap<u64, Rc<Root>>>,
     /// The device, its chunks and device extents, the super block copy
@@ -149,6 +151,7 @@ impl FsInfo {
             space: std::cell::OnceCell::new(),
             inodes: Default::default(),
             page_cache: Default::default(),
+            log: Default::default(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));

@@ -113,6 +113,10 @@ pub fn rename_trans_items(same_dir: bool, replaces_target: bool) -> u64 {
 }
 
 /// `fs_umode_to_ftype`.
+pub fn mode_is_dir(mode: u32) -> bool {
+    mode & S_IFMT == S_IFDIR
+}
+
 pub fn mode_to_ftype(mode: u32) -> u8 {
     match mode & S_IFMT {
         S_IFREG => FT_REG_FILE,
@@ -363,6 +367,7 @@ async fn set_inode_index(fs: &FsInfo, root: &Rc<Root>, dir: u64) -> Result<u64, 
 /// `btrfs_update_inode`: queue the in-memory inode as a delayed update; a
 /// file's item gets `disk_i_size` (`btrfs_fill_inode_item`).
 pub(crate) async fn update_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
+    handle.fs.log.inode_changed(ino, handle.transid);
     let item = handle.fs.inodes.update(ino, |inode| {
         let mut item = inode.item;
         if !inode.is_dir() {
@@ -459,7 +464,11 @@ async fn get_dir(fs: &FsInfo, dir: u64) -> Result<BtrfsInode, Error> {
 }
 
 /// `btrfs_inode_by_name`: the inode and type `name` names in `dir`.
-async fn inode_by_name(root: &Rc<Root>, dir: u64, name: &[u8]) -> Result<Option<(u64, u8)>, Error> {
+pub(crate) async fn inode_by_name(
+    root: &Rc<Root>,
+    dir: u64,
+    name: &[u8],
+) -> Result<Option<(u64, u8)>, Error> {
     let mut path = Path::new();
     let Some(found) = lookup_dir_item(None, root, &mut path, dir, name, 0).await? else { return Ok(None) };
     let location = found.entry.location;
@@ -499,7 +508,7 @@ async fn lookup_locked(
 /// Aborts the transaction where the kernel does (a failed dir item insert
 /// other than EEXIST and EOVERFLOW, among them the delayed index migrate's
 /// ENOSPC; a failed directory update).
-async fn add_link(
+pub(crate) async fn add_link(
     handle: &TransHandle,
     root: &Rc<Root>,
     dir: u64,
@@ -548,6 +557,7 @@ async fn create_new_inode(
 ) -> Result<u64, Error> {
     let fs = &handle.fs;
     let ino = get_free_objectid(root)?;
+    fs.log.inode_changed(ino, handle.transid);
     let index = set_inode_index(fs, root, dir).await?;
     let t = now(fs);
     let item = InodeItem {
@@ -598,7 +608,7 @@ async fn create_new_inode(
 /// the DIR_ITEM now, the INODE_REF now or (inodes with one known index)
 /// with the delayed inode update, the DIR_INDEX through the delayed items;
 /// then the directory's size and times. Returns the index removed.
-async fn unlink_inode_entry(
+pub(crate) async fn unlink_inode_entry(
     handle: &TransHandle,
     root: &Rc<Root>,
     dir: u64,
@@ -606,6 +616,7 @@ async fn unlink_inode_entry(
     name: &[u8],
 ) -> Result<u64, Error> {
     let fs = &handle.fs;
+    fs.log.names_changed(ino, handle.transid);
     {
         let mut path = Path::new();
         let Some(found) = lookup_dir_item(Some(handle), root, &mut path, dir, name, -1).await? else {
@@ -668,7 +679,7 @@ async fn evict_inode(handle: &TransHandle, root: &Rc<Root>, ino: u64) -> Result<
 
 /// Remove the name (`btrfs_unlink_inode`) and delete the inode if that was
 /// its last link.
-async fn unlink_and_evict(
+pub(crate) async fn unlink_and_evict(
     handle: &TransHandle,
     root: &Rc<Root>,
     dir: u64,
@@ -801,6 +812,7 @@ async fn do_link(fs: &Rc<FsInfo>, ino: u64, dir: u64, name: &[u8]) -> Result<(),
     }
     let index = set_inode_index(fs, &root, dir).await?;
     let handle = start_op(fs, &root, LINK_TRANS_ITEMS, "link").await?;
+    fs.log.names_changed(ino, handle.transid);
     // There are several dir indexes for this inode now.
     fs.inodes.update(ino, |inode| {
         inode.dir_index = 0;

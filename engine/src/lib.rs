@@ -28,6 +28,7 @@ pub mod locking;
 pub mod space_info;
 pub mod transaction;
 pub mod tree_checker;
+pub mod tree_log;
 pub mod volumes;
 pub mod wait;
 

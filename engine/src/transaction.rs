@@ -26,7 +26,7 @@ use crate::extent_io::write_and_wait_ebs;
 use crate::extent_tree::{run_delayed_refs, unpin_extents};
 use crate::format::{
     BLOCK_GROUP_METADATA, CHUNK_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, FS_TREE_OBJECTID,
-    FixedItem, Key, ROOT_ITEM_KEY, ROOT_TREE_OBJECTID, RootItem,
+    FixedItem, Key, ROOT_ITEM_KEY, ROOT_TREE_OBJECTID, RootItem, TREE_LOG_OBJECTID,
 };
 use crate::fs::FsInfo;
 use crate::space_info::{FlushKind, FlushOps};
@@ -409,7 +409,11 @@ pub fn mark_buffer_dirty(handle: &TransHandle, eb: &ExtentBuffer) {
         });
     }
     crate::extent_io::set_extent_buffer_dirty(eb);
-    handle.transaction.dirty_ebs.borrow_mut().insert(eb.start);
+    if eb.owner() == TREE_LOG_OBJECTID {
+        handle.fs.log.block_dirtied(eb.start);
+    } else {
+        handle.transaction.dirty_ebs.borrow_mut().insert(eb.start);
+    }
 }
 
 /// Abort the running transaction with `error` (kernel: btrfs_abort_transaction
@@ -526,6 +530,19 @@ pub async fn commit_transaction(handle: TransHandle) -> Result<(), Error> {
     result
 }
 
+/// Wait until every transaction up to `transid` is on disk, if one that
+/// old is committing now (`btrfs_wait_for_commit`).
+pub(crate) async fn wait_for_transid(fs: &Rc<FsInfo>, transid: u64) -> Result<(), Error> {
+    if fs.trans.last_trans_committed.get() >= transid {
+        return check_fs_error(fs);
+    }
+    let committing = fs.trans.committing.borrow().clone();
+    match committing {
+        Some(transaction) if transaction.transid >= transid => wait_for_commit(fs, &transaction).await,
+        _ => check_fs_error(fs),
+    }
+}
+
 /// Wait until `transaction` completes its commit (or the filesystem fails).
 async fn wait_for_commit(fs: &Rc<FsInfo>, transaction: &Rc<Transaction>) -> Result<(), Error> {
     if transaction.state() == TransState::Completed {
@@ -568,6 +585,8 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
         .await;
     check_fs_error(fs)?;
     transaction.set_state(fs, TransState::CommitDoing);
+    // The commit makes the log redundant (commit_fs_roots → btrfs_free_log).
+    crate::tree_log::free_log_trees(handle);
     run_delayed_items(handle).await?;
     run_delayed_refs(handle).await?;
     create_pending_block_groups(handle).await?;

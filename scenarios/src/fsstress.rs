@@ -4,19 +4,20 @@
 //!
 //! Each task works in its own directory (`/t<k>`) on a few names: create,
 //! write (a seeded byte pattern at a random offset), truncate, punch hole,
-//! read (compared with the model at once), rename, unlink and sync. A
-//! reference model of names and contents says what every operation must
+//! read (compared with the model at once), rename, unlink, fsync and sync.
+//! A reference model of names and contents says what every operation must
 //! return. Oracles:
 //! - every operation's result and every read against the model (`fsstress_model`);
-//! - after the power cut, the image checks clean (check() with its file data
-//!   checks), and every file that no operation touched since the start of
-//!   the last sync that completed is at its path with exactly its content
-//!   (`crash_data`); every file in the recovered namespace reads back
-//!   without a checksum error.
+//! - after the power cut (mount replays the log of the fsyncs since the
+//!   last commit), the image checks clean (check() with its file data
+//!   checks), and every file that no operation touched since its last
+//!   fsync returned, or since the start of the last sync that completed,
+//!   is at its path with exactly that content (`crash_data`); every file in
+//!   the recovered namespace reads back without a checksum error.
 //!
-//! Files changed after that sync started may hold any mix of old and new
-//! pages (btrfs writes back page runs independently and makes no promise
-//! without fsync); the oracle does not judge their content.
+//! Files changed after that may hold any mix of old and new pages (btrfs
+//! writes back page runs independently and makes no promise without
+//! fsync); the oracle does not judge their content.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -30,7 +31,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::fs_ops::{check_after_power_loss, engine_stats, mkfs_and_mount_or_report, tree_stats};
+use crate::fs_ops::{
+    check_after_power_loss, engine_stats, mkfs_and_mount_or_report, report_check, tree_stats,
+};
 use crate::streams::stream;
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
 
@@ -116,6 +119,7 @@ struct State {
     durable: BTreeMap<u64, (String, Vec<u8>)>,
     ops_completed: u64,
     syncs: u64,
+    fsyncs: u64,
     writes: u64,
     reads: u64,
     stopped: bool,
@@ -160,6 +164,7 @@ enum Action {
     Read { path: String, offset: u64, len: u64 },
     Rename { from: String, to: String },
     Unlink(String),
+    Fsync(String),
     Sync,
 }
 
@@ -181,9 +186,10 @@ fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
             offset: rng.random_range(0..max),
             len: rng.random_range(1..max / 2),
         },
-        66..84 => {
+        66..78 => {
             Action::Read { path: path(rng), offset: rng.random_range(0..max), len: rng.random_range(1..max) }
         }
+        78..84 => Action::Fsync(path(rng)),
         84..92 => Action::Rename { from: path(rng), to: path(rng) },
         _ => Action::Unlink(path(rng)),
     }
@@ -334,6 +340,23 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
                 (result, model) => Err(format!("unlink {path}: {result:?}, exists={}", model.is_some())),
             }
         }
+        Action::Fsync(path) => {
+            // Only this task changes its files: what the model holds now is
+            // what a crash must keep once the fsync returns.
+            let Some(before) = file(&path) else { return Ok(()) };
+            let ino = resolve_file(path.clone()).await?;
+            engine::tree_log::fsync(fs, ino).await.map_err(|e| format!("fsync {path}: {e}"))?;
+            let mut state = state.borrow_mut();
+            state.fsyncs += 1;
+            let unchanged = state
+                .files
+                .get(&path)
+                .is_some_and(|f| f.id == before.id && f.changed_at == before.changed_at && !f.busy);
+            if unchanged && !before.busy {
+                state.durable.insert(before.id, (path, before.content));
+            }
+            Ok(())
+        }
         Action::Sync => {
             // Files no operation is changing now are on disk once the sync returns.
             let before: Vec<(String, FileModel)> = state
@@ -380,6 +403,7 @@ async fn work(
             | Action::Truncate { path, .. }
             | Action::Punch { path, .. }
             | Action::Read { path, .. }
+            | Action::Fsync(path)
                 if !state.borrow().files.contains_key(&path) =>
             {
                 Action::Create(path)
@@ -399,7 +423,7 @@ async fn work(
                 vec![path.clone()]
             }
             Action::Rename { from, to } => vec![from.clone(), to.clone()],
-            Action::Create(_) | Action::Read { .. } | Action::Sync => Vec::new(),
+            Action::Create(_) | Action::Read { .. } | Action::Fsync(_) | Action::Sync => Vec::new(),
         };
         let paths: Vec<&str> = changes.iter().map(String::as_str).collect();
         start_change(&state, seq, &paths);
@@ -436,6 +460,23 @@ async fn recover(env: Rc<dyn Env>, state: Rc<RefCell<State>>) {
             });
             return;
         }
+    };
+    // Mount replayed a log: the image (and the namespace to read back) is
+    // what replay committed; check it too.
+    let report = if fs.log.stats.borrow().inodes_replayed > 0 {
+        match engine::check::check(env.clone()).await {
+            Ok(after) if report_check(&*env, "after log replay", &after) => after,
+            Ok(_) => return,
+            Err(error) => {
+                env.report_violation(Violation {
+                    kind: "mount",
+                    message: format!("check after log replay: {error}"),
+                });
+                return;
+            }
+        }
+    } else {
+        report
     };
     let durable = state.borrow().durable.clone();
     let mut checked = 0u64;
@@ -485,6 +526,7 @@ async fn recover(env: Rc<dyn Env>, state: Rc<RefCell<State>>) {
         "trees": tree_stats(&report),
         "recovered_generation": report.generation,
         "durable_files_checked": checked,
+        "inodes_replayed": fs.log.stats.borrow().inodes_replayed,
         "files_read_back": read_back,
     });
 }
@@ -502,6 +544,7 @@ impl ScenarioRun for FsstressRun {
         let state = self.state.borrow();
         let mut stats = if state.stats.is_null() { serde_json::json!({}) } else { state.stats.clone() };
         stats["syncs"] = state.syncs.into();
+        stats["fsyncs"] = state.fsyncs.into();
         stats["writes"] = state.writes.into();
         stats["reads"] = state.reads.into();
         stats["durable_files"] = (state.durable.len() as u64).into();
@@ -519,6 +562,17 @@ impl ScenarioRun for FsstressRun {
                     "page_reads": data.page_reads.get(),
                     "pages_evicted": data.pages_evicted.get(),
                     "csum_failures": data.csum_failures.get(),
+                }),
+            );
+            let log = fs.log.stats.borrow();
+            sections.insert(
+                "log".to_string(),
+                serde_json::json!({
+                    "inodes_logged": log.inodes_logged,
+                    "log_syncs": log.log_syncs,
+                    "log_blocks_written": log.log_blocks_written,
+                    "full_commits": log.full_commits,
+                    "nothing_to_log": log.nothing_to_log,
                 }),
             );
         }
