@@ -441,6 +441,11 @@ async fn write_log_blocks(fs: &FsInfo) -> Result<(), Error> {
 pub(crate) fn free_log_trees(handle: &TransHandle) {
     let fs = &handle.fs;
     let log = &fs.log;
+    // Entries of transactions already on disk say no more than no entry.
+    let current = |_: &u64, transid: &mut u64| *transid >= handle.transid;
+    log.last_trans.borrow_mut().retain(current);
+    log.names_changed.borrow_mut().retain(current);
+    log.logged.borrow_mut().retain(current);
     if log.log.borrow_mut().take().is_none() {
         return;
     }
