@@ -98,6 +98,13 @@ impl Expected {
     }
 }
 
+/// `text` with its control characters escaped (`\n` and the like).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
+}
+
 impl SeedFile {
     pub fn from_result(result: &RunResult, with_decision_log: bool) -> Self {
         Self {
@@ -125,7 +132,10 @@ impl SeedFile {
                 "seed file format version {version} is newer than this sim understands ({FORMAT_VERSION}); update cowsim"
             ));
         }
-        let file: SeedFile = serde_json::from_value(value).map_err(|e| format!("bad seed file: {e}"))?;
+        // serde quotes an unknown field's name as it is, and a JSON escape
+        // can put a newline in it: the message must stay one line.
+        let file: SeedFile = serde_json::from_value(value)
+            .map_err(|e| format!("bad seed file: {}", one_line(&e.to_string())))?;
         scenarios::by_name(&file.scenario)?;
         file.fix.parse::<FixPolicy>()?;
         Ok(file)
