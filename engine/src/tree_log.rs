@@ -212,12 +212,19 @@ async fn do_fsync(fs: &Rc<FsInfo>, ino: u64) -> Result<(), Error> {
     let handle = start_transaction(fs, &root, 0, "fsync").await?;
     let guard = fs.log.lock(fs).await;
     let mut reason = full_commit_reason(fs, &handle, &inode);
-    if reason.is_none() && parent_is_new(&handle, ino).await? {
-        reason = Some("fsync_commit: new parent directory");
-    }
     if reason.is_none() {
-        match log_inode(&handle, ino).await.and(sync_log(&handle).await) {
-            Ok(()) => {
+        // The log is synced only if the whole inode made it into the log.
+        let logged = async {
+            if parent_is_new(&handle, ino).await? {
+                return Ok(false);
+            }
+            log_inode(&handle, ino).await?;
+            sync_log(&handle).await?;
+            Ok(true)
+        };
+        match logged.await {
+            Ok(false) => reason = Some("fsync_commit: new parent directory"),
+            Ok(true) => {
                 drop(guard);
                 end_transaction(handle);
                 fs.log.stats.borrow_mut().fsyncs += 1;
@@ -664,11 +671,7 @@ async fn replay_inode(
     fs.inodes.update(ino, |inode| {
         inode.item = item;
         inode.disk_i_size = item.size;
-        if logged.refs.len() == 1 {
-            inode.dir_index = logged.refs[0].1;
-        } else {
-            inode.dir_index = 0;
-        }
+        inode.dir_index = if logged.refs.len() == 1 { logged.refs[0].1 } else { 0 };
     });
     crate::inode::update_inode(handle, ino).await
 }
