@@ -12,7 +12,7 @@ use crate::block_group::type_flags;
 use crate::block_rsv::{BlockRsv, BlockRsvType, RsvUse, unuse_block_rsv, use_block_rsv};
 use crate::ctree::{Path, Root, del_items, insert_item, search_slot};
 use crate::delayed_ref::{DataRefHead, DataRefKey, Head, RefHead};
-use crate::env::Violation;
+use crate::env::{Violation, WaitOn};
 use crate::error::Error;
 use crate::extent_io::{
     ExtentBuffer, alloc_extent_buffer, clear_extent_buffer_dirty, free_extent_buffer_stale,
@@ -25,7 +25,7 @@ use crate::format::{
 };
 use crate::fs::FsInfo;
 use crate::locking::tree_lock;
-use crate::transaction::{TransHandle, check_reservation, mark_buffer_dirty};
+use crate::transaction::{TransHandle, check_fs_error, check_reservation, mark_buffer_dirty};
 
 /// Which block group type holds a tree's blocks.
 pub fn tree_block_group_flags(root_objectid: u64) -> u64 {
@@ -225,25 +225,39 @@ pub fn unpin_extents(fs: &FsInfo, pinned: &std::collections::BTreeMap<u64, u64>)
 /// Run every queued reference change, and those that running them queues,
 /// until the queue is empty (kernel: btrfs_run_delayed_refs(trans, 0)).
 pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
+    let fs = &handle.fs;
     let refs = &handle.transaction.delayed_refs;
-    while let Some(head) = refs.pop_first_any() {
-        refs.run.set(refs.run.get() + 1);
-        let head = match head {
-            Head::Tree(head) => head,
-            Head::Data(head) => {
-                run_data_head(handle, &head).await?;
-                continue;
+    loop {
+        let Some(head) = refs.select_head() else {
+            if !refs.is_processing() {
+                return Ok(());
             }
+            // Other tasks are running heads; theirs may queue more.
+            fs.env.wait_on(WaitOn::Other("delayed ref heads of other runners"));
+            refs.processed.wait_until(|| !refs.is_processing() || fs.trans.fs_error.get().is_some()).await;
+            check_fs_error(fs)?;
+            continue;
         };
-        match head.ref_mod {
-            1 if head.must_insert_reserved => alloc_reserved_tree_block(handle, &head).await?,
-            -1 if !head.must_insert_reserved => free_tree_block_item(handle, &head).await?,
-            // Allocated and freed in the same transaction: the extent tree never knew it.
-            0 => {}
-            _ => panic!("inconsistent delayed ref head {head:?}"),
-        }
+        refs.run.set(refs.run.get() + 1);
+        let bytenr = head.bytenr();
+        let result = run_head(handle, head).await;
+        refs.head_done(bytenr);
+        result?;
     }
-    Ok(())
+}
+
+async fn run_head(handle: &TransHandle, head: Head) -> Result<(), Error> {
+    let head = match head {
+        Head::Tree(head) => head,
+        Head::Data(head) => return run_data_head(handle, &head).await,
+    };
+    match head.ref_mod {
+        1 if head.must_insert_reserved => alloc_reserved_tree_block(handle, &head).await,
+        -1 if !head.must_insert_reserved => free_tree_block_item(handle, &head).await,
+        // Allocated and freed in the same transaction: the extent tree never knew it.
+        0 => Ok(()),
+        _ => panic!("inconsistent delayed ref head {head:?}"),
+    }
 }
 
 fn metadata_key(head: &RefHead) -> Key {

@@ -429,7 +429,7 @@ pub fn abort_transaction(handle: &TransHandle, error: &Error, location: &'static
         fs.env.report_violation(Violation {
             kind,
             message: format!(
-                "BTRFS: Transaction aborted (error -{}) in {location}: transaction {} forced read-only with {unallocated} bytes unallocated ({})",
+                "BTRFS: Transaction aborted (error -{}) in {location}: transaction {} forced read-only with {unallocated} bytes unallocated ({}): {error}",
                 error.errno(),
                 handle.transid,
                 handle.op
