@@ -7,8 +7,12 @@
 //!   generation its parent pointer names ("parent transid verify failed"),
 //!   its first key against the parent's key, the tree checker;
 //! - keys sorted within and across blocks of each tree;
-//! - every reachable tree block has exactly one METADATA_ITEM (with the
-//!   right level and owner) and every METADATA_ITEM names a reachable block;
+//! - every reachable tree block has exactly one METADATA_ITEM with the
+//!   right level and exactly the references the trees make: one by each
+//!   tree whose root it is, and one per parent block, by that parent if the
+//!   parent is FULL_BACKREF, else by the parent's owner (so a block shared
+//!   by snapshots is counted once per distinct parent); every METADATA_ITEM
+//!   names a reachable block; only subvolume trees share blocks;
 //! - the space accounting: each block group's BLOCK_GROUP_ITEM `used`
 //!   equals the extents allocated in it;
 //! - the namespace: DIR_ITEM, DIR_INDEX and INODE_REF agree, link counts,
@@ -16,8 +20,10 @@
 //! - file data: file extents of an inode do not overlap, an inline extent
 //!   is the file's first, each inode's `nbytes` is what its extents hold;
 //!   every regular file extent names a data EXTENT_ITEM whose inline
-//!   EXTENT_DATA_REF counts equal the file extents that reference it (and
-//!   none is left unreferenced); every sector of every data extent has
+//!   references equal what the leaves holding file extents make (per leaf,
+//!   by the leaf if it is FULL_BACKREF, else by its owner, inode and
+//!   offset) and none is left unreferenced; every subvolume, snapshots too,
+//!   gets the file and namespace checks; every sector of every data extent has
 //!   exactly one checksum and no checksum lies outside a data extent.
 //!
 //! It never repairs: every finding is a line in [`CheckReport::errors`].
@@ -34,8 +40,8 @@ use crate::error::Error;
 use crate::extent_io::read_tree_block_verified;
 use crate::format::{
     BLOCK_GROUP_ITEM_KEY, BlockGroupItem, DIR_INDEX_KEY, DIR_ITEM_KEY, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
-    ExtentItem, FIRST_FREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY, InlineRef, InodeItem,
-    Key, METADATA_ITEM_KEY, dir_items, inode_refs,
+    ExtentItem, FIRST_FREE_OBJECTID, FS_TREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY,
+    InlineRef, InodeItem, Key, METADATA_ITEM_KEY, dir_items, inode_refs, is_fstree,
 };
 use crate::fs::FsInfo;
 
@@ -78,23 +84,63 @@ pub async fn check(env: Rc<dyn Env>) -> Result<CheckReport, Error> {
     Ok(check_fs(&fs).await)
 }
 
+/// Who references an extent, as check recomputes it from the trees and
+/// reads it from the extent tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Backref {
+    /// TREE_BLOCK_REF: a tree (root or owner of unshared parents).
+    Tree(u64),
+    /// SHARED_BLOCK_REF / SHARED_DATA_REF: a FULL_BACKREF parent block.
+    Parent(u64),
+    /// EXTENT_DATA_REF: (root, inode, file offset of the extent's start).
+    Data(u64, u64, u64),
+}
+
+/// A reachable tree block.
+#[derive(Default)]
+struct Block {
+    level: u8,
+    /// The header's owner (the tree that allocated it).
+    owner: u64,
+    /// Trees that reach it (more than one: shared by snapshots).
+    trees: BTreeSet<u64>,
+    /// Blocks that point at it, and whether it is a tree's root.
+    parents: BTreeSet<u64>,
+    root_of: BTreeSet<u64>,
+}
+
+/// A METADATA_ITEM.
+struct MetadataItem {
+    level: u8,
+    refs: u64,
+    flags: u64,
+    backrefs: BTreeSet<Backref>,
+}
+
+/// A file extent item of a leaf: (disk bytenr, inode, file offset of the
+/// extent's start).
+type LeafExtent = (u64, u64, u64);
+
 /// Items of the trees that the cross-checks need, gathered in one walk.
 #[derive(Default)]
 struct Gathered {
-    /// Reachable tree blocks: bytenr -> (tree, level).
-    blocks: BTreeMap<u64, (u64, u8)>,
-    /// Extent tree: METADATA_ITEMs bytenr -> (level, owner).
-    metadata_items: BTreeMap<u64, (u8, Option<u64>)>,
+    /// Reachable tree blocks by bytenr.
+    blocks: BTreeMap<u64, Block>,
+    /// Extent tree: METADATA_ITEMs by bytenr.
+    metadata_items: BTreeMap<u64, MetadataItem>,
     /// Extent tree: data extents (EXTENT_ITEM) bytenr -> length.
     data_extents: BTreeMap<u64, u64>,
-    /// Extent tree: the references each data extent records, (root,
-    /// inode, offset) -> count, and its `refs`.
-    data_refs: BTreeMap<u64, (u64, BTreeMap<(u64, u64, u64), u64>)>,
+    /// Extent tree: the references each data extent records with their
+    /// counts, and its `refs`.
+    data_refs: BTreeMap<u64, (u64, BTreeMap<Backref, u64>)>,
+    /// The file extents of each subvolume leaf (once per leaf, however many
+    /// trees share it).
+    leaf_extents: BTreeMap<u64, Vec<LeafExtent>>,
     /// Csum tree: item start -> sums.
     csums: BTreeMap<u64, u64>,
     block_group_items: Vec<(u64, u64, BlockGroupItem)>,
-    /// Top fs tree items.
-    fs_items: Vec<(Key, Vec<u8>)>,
+    /// Items of each subvolume tree (the top fs tree and snapshots).
+    subvol_items: BTreeMap<u64, Vec<(Key, Vec<u8>)>>,
 }
 
 /// Check a mounted (quiescent) filesystem.
@@ -112,7 +158,13 @@ pub async fn check_fs(fs: &Rc<FsInfo>) -> CheckReport {
     }
     check_extents(fs, &gathered, &mut report.errors);
     check_file_data(fs, &gathered, &mut report.errors);
-    check_namespace(&gathered.fs_items, &mut report);
+    let fs_items = gathered.subvol_items.remove(&FS_TREE_OBJECTID).unwrap_or_default();
+    check_namespace(&fs_items, &mut report);
+    for (tree, items) in &gathered.subvol_items {
+        let mut snapshot = CheckReport::default();
+        check_namespace(items, &mut snapshot);
+        report.errors.extend(snapshot.errors.into_iter().map(|e| format!("subvolume {tree}: {e}")));
+    }
     report
 }
 
@@ -127,12 +179,24 @@ async fn walk_tree(
     errors: &mut Vec<String>,
 ) -> TreeShape {
     let mut shape = TreeShape { level: root_level, ..Default::default() };
-    // (bytenr, level, generation from the parent, first key from the parent, upper bound)
-    let mut stack = vec![(root_bytenr, root_level, root_generation, None::<Key>, None::<Key>)];
+    // (bytenr, level, generation from the parent, first key from the parent, upper bound, parent)
+    let mut stack = vec![(root_bytenr, root_level, root_generation, None::<Key>, None::<Key>, None::<u64>)];
     let mut last_leaf_key: Option<Key> = None;
-    while let Some((bytenr, level, generation, first_key, upper)) = stack.pop() {
-        if let Some((other, _)) = gathered.blocks.insert(bytenr, (tree, level)) {
-            errors.push(format!("tree block {bytenr} is reachable twice (trees {other} and {tree})"));
+    let mut seen = BTreeSet::new();
+    while let Some((bytenr, level, generation, first_key, upper, parent)) = stack.pop() {
+        if !seen.insert(bytenr) {
+            errors.push(format!("tree block {bytenr} is reachable twice in tree {tree}"));
+            continue;
+        }
+        let block = gathered.blocks.entry(bytenr).or_default();
+        let first_visit = block.trees.is_empty();
+        block.trees.insert(tree);
+        match parent {
+            Some(parent) => block.parents.insert(parent),
+            None => block.root_of.insert(tree),
+        };
+        if !first_visit && !(is_fstree(tree) && block.trees.iter().all(|&t| is_fstree(t))) {
+            errors.push(format!("tree block {bytenr} is reachable from trees {:?}", block.trees));
             continue;
         }
         let eb = match read_tree_block_verified(fs, bytenr, tree, level, generation, first_key).await {
@@ -144,6 +208,9 @@ async fn walk_tree(
         };
         shape.bytes_used += u64::from(fs.nodesize);
         let data = eb.data.borrow();
+        let block = gathered.blocks.get_mut(&bytenr).expect("entered above");
+        block.level = level;
+        block.owner = crate::accessors::header_owner(&data);
         let nritems = header_nritems(&data) as usize;
         if header_level(&data) != level {
             errors.push(format!(
@@ -167,12 +234,14 @@ async fn walk_tree(
                     node_ptr_generation(&data, i),
                     Some(node_key(&data, i)),
                     next,
+                    Some(bytenr),
                 ));
             }
             continue;
         }
         shape.leaves += 1;
         shape.items += nritems as u64;
+        let mut extents = Vec::new();
         for i in 0..nritems {
             let key = item_key(&data, i);
             if last_leaf_key.is_some_and(|last| key <= last) {
@@ -181,22 +250,50 @@ async fn walk_tree(
                 ));
             }
             last_leaf_key = Some(key);
-            gather_item(tree, key, item_data(&data, i), gathered, errors);
+            gather_item(tree, key, item_data(&data, i), gathered, errors, &mut extents);
+        }
+        if first_visit && is_fstree(tree) {
+            gathered.leaf_extents.insert(bytenr, extents);
         }
     }
     shape
 }
 
-fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, errors: &mut Vec<String>) {
+fn gather_item(
+    tree: u64,
+    key: Key,
+    payload: &[u8],
+    gathered: &mut Gathered,
+    errors: &mut Vec<String>,
+    extents: &mut Vec<LeafExtent>,
+) {
     if tree == EXTENT_TREE_OBJECTID {
         match key.item_type {
             METADATA_ITEM_KEY => match ExtentItem::read(payload, METADATA_ITEM_KEY) {
                 Ok(item) => {
-                    let owner = item.inline_refs.iter().find_map(|r| match r {
-                        InlineRef::TreeBlock { root } => Some(*root),
-                        _ => None,
-                    });
-                    gathered.metadata_items.insert(key.objectid, (key.offset as u8, owner));
+                    let mut backrefs = BTreeSet::new();
+                    for inline in &item.inline_refs {
+                        let backref = match *inline {
+                            InlineRef::TreeBlock { root } => Backref::Tree(root),
+                            InlineRef::SharedBlock { parent } => Backref::Parent(parent),
+                            ref other => {
+                                errors.push(format!("tree block item {key} has a {other:?} reference"));
+                                continue;
+                            }
+                        };
+                        if !backrefs.insert(backref) {
+                            errors.push(format!("tree block item {key} holds {backref:?} twice"));
+                        }
+                    }
+                    gathered.metadata_items.insert(
+                        key.objectid,
+                        MetadataItem {
+                            level: key.offset as u8,
+                            refs: item.refs,
+                            flags: item.flags,
+                            backrefs,
+                        },
+                    );
                 }
                 Err(error) => errors.push(format!("extent tree: METADATA_ITEM {key}: {error:?}")),
             },
@@ -206,13 +303,17 @@ fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, err
                     Ok(item) if item.flags & crate::format::EXTENT_FLAG_DATA != 0 => {
                         let mut refs = BTreeMap::new();
                         for inline in &item.inline_refs {
-                            match inline {
+                            let (backref, count) = match *inline {
                                 InlineRef::ExtentData(r) => {
-                                    *refs.entry((r.root, r.objectid, r.offset)).or_insert(0) +=
-                                        u64::from(r.count);
+                                    (Backref::Data(r.root, r.objectid, r.offset), r.count)
                                 }
-                                other => errors.push(format!("data extent {key} has a {other:?} reference")),
-                            }
+                                InlineRef::SharedData { parent, count } => (Backref::Parent(parent), count),
+                                ref other => {
+                                    errors.push(format!("data extent {key} has a {other:?} reference"));
+                                    continue;
+                                }
+                            };
+                            *refs.entry(backref).or_insert(0) += u64::from(count);
                         }
                         gathered.data_refs.insert(key.objectid, (item.refs, refs));
                     }
@@ -225,28 +326,68 @@ fn gather_item(tree: u64, key: Key, payload: &[u8], gathered: &mut Gathered, err
             }
             _ => {}
         }
-    } else if tree == crate::format::FS_TREE_OBJECTID {
-        gathered.fs_items.push((key, payload.to_vec()));
+    } else if is_fstree(tree) {
+        if key.item_type == crate::format::EXTENT_DATA_KEY
+            && let Ok(item) = crate::format::FileExtentItem::read(payload)
+            && let crate::format::FileExtentBody::Regular { disk_bytenr, offset, .. } = item.body
+            && disk_bytenr != 0
+        {
+            extents.push((disk_bytenr, key.objectid, key.offset.wrapping_sub(offset)));
+        }
+        gathered.subvol_items.entry(tree).or_default().push((key, payload.to_vec()));
     } else if tree == crate::format::CSUM_TREE_OBJECTID && key.item_type == crate::format::EXTENT_CSUM_KEY {
         gathered.csums.insert(key.offset, (payload.len() / crate::format::CRC32C_CSUM_SIZE) as u64);
     }
 }
 
+/// Whether the METADATA_ITEM of `bytenr` says FULL_BACKREF: its children's
+/// and data extents' references are by it as parent.
+fn full_backref(gathered: &Gathered, bytenr: u64) -> bool {
+    gathered
+        .metadata_items
+        .get(&bytenr)
+        .is_some_and(|item| item.flags & crate::format::BLOCK_FLAG_FULL_BACKREF != 0)
+}
+
+/// The references a block must have: by each tree it is the root of, and
+/// per parent by the parent (FULL_BACKREF) or by the parent's owner.
+fn expected_backrefs(gathered: &Gathered, block: &Block) -> BTreeSet<Backref> {
+    let by_parent = block.parents.iter().map(|&parent| {
+        if full_backref(gathered, parent) {
+            Backref::Parent(parent)
+        } else {
+            Backref::Tree(gathered.blocks.get(&parent).map_or(0, |p| p.owner))
+        }
+    });
+    block.root_of.iter().map(|&tree| Backref::Tree(tree)).chain(by_parent).collect()
+}
+
 fn check_extents(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
-    for (&bytenr, &(tree, level)) in &gathered.blocks {
+    for (&bytenr, block) in &gathered.blocks {
+        let level = block.level;
+        let trees = &block.trees;
         match gathered.metadata_items.get(&bytenr) {
-            None => {
-                errors.push(format!("tree block {bytenr} (tree {tree}, level {level}) has no METADATA_ITEM"))
-            }
-            Some(&(item_level, owner)) => {
-                if item_level != level {
+            None => errors
+                .push(format!("tree block {bytenr} (trees {trees:?}, level {level}) has no METADATA_ITEM")),
+            Some(item) => {
+                if item.level != level {
                     errors.push(format!(
-                        "METADATA_ITEM of block {bytenr} says level {item_level}, the block is {level}"
+                        "METADATA_ITEM of block {bytenr} says level {}, the block is {level}",
+                        item.level
                     ));
                 }
-                if owner != Some(tree) {
+                let expected = expected_backrefs(gathered, block);
+                if item.backrefs != expected {
                     errors.push(format!(
-                        "METADATA_ITEM of block {bytenr} names owner {owner:?}, the block is in tree {tree}"
+                        "METADATA_ITEM of block {bytenr} (trees {trees:?}) has references {:?}, the trees make {expected:?}",
+                        item.backrefs
+                    ));
+                }
+                if item.refs != item.backrefs.len() as u64 {
+                    errors.push(format!(
+                        "METADATA_ITEM of block {bytenr} says refs {} but holds {} references",
+                        item.refs,
+                        item.backrefs.len()
                     ));
                 }
             }
@@ -274,68 +415,22 @@ fn check_extents(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
 
 /// File extents against inodes, data extent items and checksums.
 fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
-    use crate::format::{EXTENT_DATA_KEY, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem};
     let sector = u64::from(fs.sectorsize);
-    let mut nbytes: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut last_end: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut found_refs: BTreeMap<u64, BTreeMap<(u64, u64, u64), u64>> = BTreeMap::new();
-    for (key, payload) in &gathered.fs_items {
-        if key.item_type != EXTENT_DATA_KEY {
-            continue;
-        }
-        let item = match FileExtentItem::read(payload) {
-            Ok(item) => item,
-            Err(error) => {
-                errors.push(format!("file extent {key}: {error:?}"));
-                continue;
-            }
-        };
-        let (end, bytes) = match &item.body {
-            FileExtentBody::Inline(data) => {
-                if key.offset != 0 {
-                    errors.push(format!("inode {}: inline extent at offset {}", key.objectid, key.offset));
-                }
-                (key.offset + sector, data.len() as u64)
-            }
-            FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, num_bytes } => {
-                if *disk_bytenr != 0 {
-                    *found_refs
-                        .entry(*disk_bytenr)
-                        .or_default()
-                        .entry((FS_TREE_OBJECTID, key.objectid, key.offset - offset))
-                        .or_insert(0) += 1;
-                    match gathered.data_extents.get(disk_bytenr) {
-                        Some(len) if len == disk_num_bytes => {}
-                        other => errors.push(format!(
-                            "file extent {key} names data extent {disk_bytenr}+{disk_num_bytes}; the extent tree has {other:?}"
-                        )),
-                    }
-                    if offset + num_bytes > *disk_num_bytes {
-                        errors.push(format!("file extent {key} reaches past its data extent"));
-                    }
-                }
-                (key.offset + num_bytes, if *disk_bytenr != 0 { *num_bytes } else { 0 })
-            }
-        };
-        let prev_end = last_end.insert(key.objectid, end).unwrap_or(0);
-        if key.offset < prev_end {
-            errors.push(format!(
-                "inode {}: file extent at {} overlaps the previous one (ends {prev_end})",
-                key.objectid, key.offset
-            ));
-        }
-        *nbytes.entry(key.objectid).or_insert(0) += bytes;
+    for (&tree, items) in &gathered.subvol_items {
+        check_file_extents(fs, gathered, tree, items, errors);
     }
-    for (key, payload) in &gathered.fs_items {
-        if key.item_type == INODE_ITEM_KEY && payload.len() >= InodeItem::SIZE {
-            let inode = InodeItem::read(payload);
-            let found = nbytes.get(&key.objectid).copied().unwrap_or(0);
-            if inode.mode & crate::inode::S_IFMT != crate::inode::S_IFDIR && inode.nbytes != found {
-                errors.push(format!(
-                    "inode {}: nbytes {} but its extents hold {found}",
-                    key.objectid, inode.nbytes
-                ));
-            }
+    // References: once per leaf however many trees share it, by the leaf
+    // (FULL_BACKREF) or by the leaf's owner.
+    let mut found_refs: BTreeMap<u64, BTreeMap<Backref, u64>> = BTreeMap::new();
+    for (&leaf, extents) in &gathered.leaf_extents {
+        let owner = gathered.blocks.get(&leaf).map_or(0, |b| b.owner);
+        for &(disk_bytenr, ino, offset) in extents {
+            let backref = if full_backref(gathered, leaf) {
+                Backref::Parent(leaf)
+            } else {
+                Backref::Data(owner, ino, offset)
+            };
+            *found_refs.entry(disk_bytenr).or_default().entry(backref).or_insert(0) += 1;
         }
     }
     for (&bytenr, (refs, inline)) in &gathered.data_refs {
@@ -381,6 +476,80 @@ fn check_file_data(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
         let have: u64 = covered.range(bytenr..bytenr + len).map(|(s, e)| e - s).sum();
         if have != len {
             errors.push(format!("data extent {bytenr}+{len}: checksums cover {have} bytes"));
+        }
+    }
+}
+
+/// One subvolume's file extents: no overlaps, an inline extent only first,
+/// each names a data extent of its length and stays inside it, and each
+/// inode's `nbytes` is what its extents hold.
+fn check_file_extents(
+    fs: &FsInfo,
+    gathered: &Gathered,
+    tree: u64,
+    items: &[(Key, Vec<u8>)],
+    errors: &mut Vec<String>,
+) {
+    use crate::format::{EXTENT_DATA_KEY, FileExtentBody, FileExtentItem};
+    let sector = u64::from(fs.sectorsize);
+    let prefix = if tree == FS_TREE_OBJECTID { String::new() } else { format!("subvolume {tree}: ") };
+    let mut nbytes: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut last_end: BTreeMap<u64, u64> = BTreeMap::new();
+    for (key, payload) in items {
+        if key.item_type != EXTENT_DATA_KEY {
+            continue;
+        }
+        let item = match FileExtentItem::read(payload) {
+            Ok(item) => item,
+            Err(error) => {
+                errors.push(format!("{prefix}file extent {key}: {error:?}"));
+                continue;
+            }
+        };
+        let (end, bytes) = match &item.body {
+            FileExtentBody::Inline(data) => {
+                if key.offset != 0 {
+                    errors.push(format!(
+                        "{prefix}inode {}: inline extent at offset {}",
+                        key.objectid, key.offset
+                    ));
+                }
+                (key.offset + sector, data.len() as u64)
+            }
+            FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, num_bytes } => {
+                if *disk_bytenr != 0 {
+                    match gathered.data_extents.get(disk_bytenr) {
+                        Some(len) if len == disk_num_bytes => {}
+                        other => errors.push(format!(
+                            "{prefix}file extent {key} names data extent {disk_bytenr}+{disk_num_bytes}; the extent tree has {other:?}"
+                        )),
+                    }
+                    if offset + num_bytes > *disk_num_bytes {
+                        errors.push(format!("{prefix}file extent {key} reaches past its data extent"));
+                    }
+                }
+                (key.offset + num_bytes, if *disk_bytenr != 0 { *num_bytes } else { 0 })
+            }
+        };
+        let prev_end = last_end.insert(key.objectid, end).unwrap_or(0);
+        if key.offset < prev_end {
+            errors.push(format!(
+                "{prefix}inode {}: file extent at {} overlaps the previous one (ends {prev_end})",
+                key.objectid, key.offset
+            ));
+        }
+        *nbytes.entry(key.objectid).or_insert(0) += bytes;
+    }
+    for (key, payload) in items {
+        if key.item_type == INODE_ITEM_KEY && payload.len() >= InodeItem::SIZE {
+            let inode = InodeItem::read(payload);
+            let found = nbytes.get(&key.objectid).copied().unwrap_or(0);
+            if inode.mode & crate::inode::S_IFMT != crate::inode::S_IFDIR && inode.nbytes != found {
+                errors.push(format!(
+                    "{prefix}inode {}: nbytes {} but its extents hold {found}",
+                    key.objectid, inode.nbytes
+                ));
+            }
         }
     }
 }

@@ -60,6 +60,7 @@ use crate::accessors::{
     set_header_backref_rev, set_header_bytenr, set_header_flag, set_header_fsid, set_header_generation,
     set_header_owner, set_item_key, set_node_blockptr, set_node_key, set_node_ptr_generation,
 };
+use crate::delayed_ref::TreeRef;
 use crate::env::{RestartReason, SwitchPoint, TraceEvent};
 use crate::error::Error;
 use crate::extent_io::{
@@ -67,7 +68,9 @@ use crate::extent_io::{
     find_extent_buffer, free_extent_buffer_stale, read_tree_block, read_tree_block_verified,
     verify_parent_pointer,
 };
-use crate::extent_tree::{alloc_tree_block, free_tree_block};
+use crate::extent_tree::{
+    alloc_tree_block, block_can_be_shared, free_tree_block, free_tree_block_ref, update_ref_for_cow,
+};
 use crate::format::{
     CHUNK_TREE_OBJECTID, CSUM_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, HEADER_FLAG_RELOC,
     HEADER_FLAG_WRITTEN, ITEM_SIZE, Key, MAX_LEVEL, MIXED_BACKREF_REV, ROOT_TREE_OBJECTID, RootItem,
@@ -97,6 +100,9 @@ pub struct Root {
     pub last_trans: Cell<u64>,
     /// COW every block, even of the running transaction (snapshot in progress).
     pub force_cow: Cell<bool>,
+    /// The offset of the tree's ROOT_ITEM key: 0, or for a snapshot the
+    /// transaction that created it (kernel: root_key.offset).
+    pub root_key_offset: Cell<u64>,
     /// The root item must be written at commit (kernel: the dirty root list).
     pub dirty: Cell<bool>,
     /// Highest inode number in use (fs trees).
@@ -112,6 +118,7 @@ impl Root {
             root_item: RefCell::new(root_item),
             last_trans: Cell::new(0),
             force_cow: Cell::new(false),
+            root_key_offset: Cell::new(0),
             dirty: Cell::new(false),
             highest_objectid: Cell::new(0),
         })
@@ -167,6 +174,10 @@ pub struct SearchStats {
     /// Restarts during whose window (path released, before the next
     /// descent) reclaim evicted a tree block: the loop's first ingredient.
     pub reclaim_in_restart_window: Cell<u64>,
+    /// Delayed refs one COW of a shared block queued (the copy's
+    /// allocation, its children's or data extents' references, the
+    /// FULL_BACKREF flag, the drop of the old block) -> number of such COWs.
+    pub refs_per_shared_cow: RefCell<std::collections::BTreeMap<u32, u64>>,
 }
 
 impl SearchStats {
@@ -518,25 +529,22 @@ pub async fn force_cow_block(
     let fs = &handle.fs;
     let level = buf.level();
     assert!(buf.generation() <= handle.transid, "block {} is from the future", buf.start);
+    let refs_queued_before = handle.transaction.delayed_refs.queued.get();
     let cow = alloc_tree_block(handle, root, level).await?;
-    {
-        let src = buf.data.borrow();
-        let mut dst = cow.data.borrow_mut();
-        dst.copy_from_slice(&src);
-        set_header_bytenr(&mut dst, cow.start);
-        set_header_generation(&mut dst, handle.transid);
-        set_header_backref_rev(&mut dst, MIXED_BACKREF_REV);
-        clear_header_flag(&mut dst, HEADER_FLAG_WRITTEN | HEADER_FLAG_RELOC);
-        if root.objectid == TREE_RELOC_OBJECTID {
-            set_header_flag(&mut dst, HEADER_FLAG_RELOC);
-        } else {
-            set_header_owner(&mut dst, root.objectid);
+    copy_block_header(handle, buf, &cow, root.objectid);
+    let shared = block_can_be_shared(root, buf);
+    let last_ref = match update_ref_for_cow(handle, root, buf, &cow).await {
+        Ok(last_ref) => last_ref,
+        Err(error) => {
+            tree_unlock(&cow);
+            abort_transaction(handle, &error, "update_ref_for_cow");
+            return Err(error);
         }
-        set_header_fsid(&mut dst, &fs.fsid.get().unwrap_or_default());
-    }
+    };
+    let our_ref = TreeRef::Root(root.objectid);
     if Rc::ptr_eq(buf, &root.node()) {
         root.set_node(cow.clone());
-        free_tree_block(handle, root, buf);
+        free_tree_block_ref(handle, root, buf, our_ref, last_ref);
         root.last_trans.set(handle.transid);
         root.dirty.set(true);
     } else {
@@ -554,7 +562,12 @@ pub async fn force_cow_block(
             set_node_ptr_generation(&mut data, slot, handle.transid);
         }
         mark_buffer_dirty(handle, parent);
-        free_tree_block(handle, root, buf);
+        free_tree_block_ref(handle, root, buf, our_ref, last_ref);
+    }
+    if shared {
+        let queued = handle.transaction.delayed_refs.queued.get() - refs_queued_before;
+        let queued = u32::try_from(queued).unwrap_or(u32::MAX);
+        *fs.search_stats.refs_per_shared_cow.borrow_mut().entry(queued).or_insert(0) += 1;
     }
     fs.env.trace(TraceEvent::Cow {
         root: root.objectid,
@@ -566,6 +579,44 @@ pub async fn force_cow_block(
     free_extent_buffer_stale(fs, buf);
     mark_buffer_dirty(handle, &cow);
     handle.inhibit_writeback(&cow);
+    Ok(cow)
+}
+
+/// Copy `buf` into the new block `cow` of tree `owner`: its own bytenr,
+/// this transaction, mixed backrefs, neither WRITTEN nor RELOC, owned by
+/// `owner`, except in a relocation tree, whose blocks keep their owner and
+/// carry RELOC.
+fn copy_block_header(handle: &TransHandle, buf: &ExtentBuffer, cow: &ExtentBuffer, owner: u64) {
+    let src = buf.data.borrow();
+    let mut dst = cow.data.borrow_mut();
+    dst.copy_from_slice(&src);
+    set_header_bytenr(&mut dst, cow.start);
+    set_header_generation(&mut dst, handle.transid);
+    set_header_backref_rev(&mut dst, MIXED_BACKREF_REV);
+    clear_header_flag(&mut dst, HEADER_FLAG_WRITTEN | HEADER_FLAG_RELOC);
+    if owner == TREE_RELOC_OBJECTID {
+        set_header_flag(&mut dst, HEADER_FLAG_RELOC);
+    } else {
+        set_header_owner(&mut dst, owner);
+    }
+    set_header_fsid(&mut dst, &handle.fs.fsid.get().unwrap_or_default());
+}
+
+/// `btrfs_copy_root`: a copy of `buf` (the write-locked root block of a
+/// tree being snapshotted) as the root block of the new tree `new_root`.
+/// Everything `buf` points at gains a reference by the new tree, which is
+/// how a snapshot comes to share every other block. Returned write-locked
+/// and dirty.
+pub async fn copy_root(
+    handle: &TransHandle,
+    new_root: &Root,
+    buf: &Rc<ExtentBuffer>,
+) -> Result<Rc<ExtentBuffer>, Error> {
+    assert_tree_write_locked(buf);
+    let cow = alloc_tree_block(handle, new_root, buf.level()).await?;
+    copy_block_header(handle, buf, &cow, new_root.objectid);
+    crate::extent_tree::mod_ref(handle, new_root, &cow, false, true);
+    mark_buffer_dirty(handle, &cow);
     Ok(cow)
 }
 

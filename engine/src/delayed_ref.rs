@@ -21,25 +21,61 @@
 //! seed 1627 aborted with EUCLEAN that way). A run of everything waits for
 //! the heads other tasks are processing.
 //!
-//! Departures: tree block references of unshared trees only (no shared
-//! FULL_BACKREF refs); heads run in bytenr order, tree and data alike.
+//! Snapshots share blocks: a block then has several references, by tree
+//! (TREE_BLOCK_REF, EXTENT_DATA_REF) or by FULL_BACKREF parent
+//! (SHARED_BLOCK_REF, SHARED_DATA_REF), and a head carries the net change
+//! per reference plus the extent flags to set (the kernel's extent op).
+//!
+//! Departure: heads run in bytenr order, tree and data alike.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::wait::WaitQueue;
 
-/// The net change queued for one tree block (kernel: btrfs_delayed_ref_head
-/// with its one tree ref).
+/// Who references a tree block: the kernel's TREE_BLOCK_REF (a tree, for
+/// every pointer from blocks that tree owns without FULL_BACKREF) or
+/// SHARED_BLOCK_REF (one parent block that has FULL_BACKREF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TreeRef {
+    Root(u64),
+    Shared { parent: u64 },
+}
+
+/// The changes queued for one tree block (kernel: btrfs_delayed_ref_head
+/// with its tree refs and extent op).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RefHead {
     pub bytenr: u64,
     pub level: u8,
-    pub root: u64,
-    /// +1 per allocation, -1 per free.
-    pub ref_mod: i64,
+    /// Net change per reference; zeros are dropped.
+    pub refs: BTreeMap<TreeRef, i64>,
     /// Allocated in this transaction: its METADATA_ITEM does not exist yet.
     pub must_insert_reserved: bool,
+    /// Extent flags to set (the delayed extent op: FULL_BACKREF).
+    pub set_flags: u64,
+    /// The free that takes the last reference already gave the block's space
+    /// back (btrfs_free_tree_block with last_ref); otherwise the run that
+    /// deletes the item does.
+    pub space_freed: bool,
+}
+
+impl RefHead {
+    fn new(bytenr: u64, level: u8) -> RefHead {
+        RefHead {
+            bytenr,
+            level,
+            refs: BTreeMap::new(),
+            must_insert_reserved: false,
+            set_flags: 0,
+            space_freed: false,
+        }
+    }
+
+    /// Net change of the reference count.
+    pub fn ref_mod(&self) -> i64 {
+        self.refs.values().sum()
+    }
 }
 
 /// The transaction's queue of delayed refs (kernel: btrfs_delayed_ref_root).
@@ -55,6 +91,8 @@ pub struct DelayedRefRoot {
     pub queued: Cell<u64>,
     /// Heads run (items inserted or deleted) over the transaction's life.
     pub run: Cell<u64>,
+    /// Heads whose run ended (lookups that searched meanwhile look again).
+    pub done: Cell<u64>,
 }
 
 impl DelayedRefRoot {
@@ -72,41 +110,77 @@ impl DelayedRefRoot {
         !self.processing.borrow().is_empty()
     }
 
-    /// Queue an allocation (+1) or a free (-1) of the tree block at `bytenr`.
+    /// Queue an allocation (+1) or a free (-1) of the tree block at `bytenr`
+    /// by its owner `root` (the unshared case).
     pub fn add_tree_ref(&self, bytenr: u64, level: u8, root: u64, allocated: bool) {
+        let delta = if allocated { 1 } else { -1 };
+        self.add_tree_ref_mod(bytenr, level, TreeRef::Root(root), delta, allocated, !allocated);
+    }
+
+    /// Queue `delta` (±1) references `key` of the tree block at `bytenr`.
+    /// `allocated`: the block is new in this transaction; `last_ref`: this
+    /// drop frees the block and its space was given back already.
+    pub fn add_tree_ref_mod(
+        &self,
+        bytenr: u64,
+        level: u8,
+        key: TreeRef,
+        delta: i64,
+        allocated: bool,
+        last_ref: bool,
+    ) {
         self.queued.set(self.queued.get() + 1);
         let mut heads = self.heads.borrow_mut();
-        let head = heads.entry(bytenr).or_insert(RefHead {
-            bytenr,
-            level,
-            root,
-            ref_mod: 0,
-            must_insert_reserved: false,
-        });
-        if head.ref_mod == 0 {
-            // Allocated and freed in this transaction (never written, so at
-            // once free): the range may go to any tree next.
-            head.root = root;
-        }
-        assert_eq!(
-            head.root, root,
-            "tree block {bytenr} referenced by two roots (shared blocks are not modelled)"
-        );
+        let head = heads.entry(bytenr).or_insert_with(|| RefHead::new(bytenr, level));
         if allocated {
-            head.ref_mod += 1;
-            head.must_insert_reserved = true;
-            head.level = level;
-        } else {
-            head.ref_mod -= 1;
+            assert!(head.refs.is_empty(), "tree block {bytenr} allocated while referenced: {:?}", head.refs);
+            // Allocated and freed in this transaction before (never written,
+            // so at once free): the range may go to any tree next.
+            *head = RefHead { must_insert_reserved: true, ..RefHead::new(bytenr, level) };
         }
-        assert!((-1..=1).contains(&head.ref_mod), "tree block {bytenr}: net ref change {}", head.ref_mod);
+        head.space_freed |= last_ref;
+        let count = head.refs.entry(key).or_insert(0);
+        *count += delta;
+        assert!((-1..=1).contains(count), "tree block {bytenr}: net ref change {count} of {key:?}");
+        if *count == 0 {
+            head.refs.remove(&key);
+        }
+    }
+
+    /// Queue setting `flags` in the block's extent item (kernel:
+    /// btrfs_set_disk_extent_flags, a delayed extent op).
+    pub fn set_tree_flags(&self, bytenr: u64, level: u8, flags: u64) {
+        self.queued.set(self.queued.get() + 1);
+        let mut heads = self.heads.borrow_mut();
+        heads.entry(bytenr).or_insert_with(|| RefHead::new(bytenr, level)).set_flags |= flags;
+    }
+
+    /// The queued net change of `bytenr`'s references and flags, for
+    /// btrfs_lookup_extent_info: (ref_mod, flags, must_insert_reserved).
+    pub fn pending_tree(&self, bytenr: u64) -> Option<(i64, u64, bool)> {
+        let heads = self.heads.borrow();
+        let head = heads.get(&bytenr)?;
+        Some((head.ref_mod(), head.set_flags, head.must_insert_reserved))
+    }
+
+    /// Whether a task is running the head of `bytenr`.
+    pub fn is_processing_head(&self, bytenr: u64) -> bool {
+        self.processing.borrow().contains(&bytenr)
     }
 
     /// Queue one more (`delta` +1) or one less (-1) reference of the data
     /// extent `bytenr`+`num_bytes` from file extents of `key`; `allocated`:
     /// the extent was allocated in this transaction and has no EXTENT_ITEM
     /// yet (`must_insert_reserved`).
-    pub fn add_data_ref(&self, bytenr: u64, num_bytes: u64, key: DataRefKey, delta: i64, allocated: bool) {
+    pub fn add_data_ref(
+        &self,
+        bytenr: u64,
+        num_bytes: u64,
+        key: impl Into<DataRef>,
+        delta: i64,
+        allocated: bool,
+    ) {
+        let key = key.into();
         self.queued.set(self.queued.get() + 1);
         let mut heads = self.data_heads.borrow_mut();
         let head = heads.entry(bytenr).or_insert(DataRefHead {
@@ -149,6 +223,7 @@ impl DelayedRefRoot {
     /// The head of `bytenr` has been run (or its run failed).
     pub fn head_done(&self, bytenr: u64) {
         self.processing.borrow_mut().remove(&bytenr);
+        self.done.set(self.done.get() + 1);
         self.processed.wake_all();
     }
 
@@ -167,13 +242,28 @@ pub struct DataRefKey {
     pub offset: u64,
 }
 
+/// A reference to a data extent: keyed by file extent (EXTENT_DATA_REF,
+/// counted per leaf of an unshared tree) or by the parent leaf of a shared
+/// tree (SHARED_DATA_REF, counted per file extent item in that leaf).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataRef {
+    Keyed(DataRefKey),
+    Shared { parent: u64 },
+}
+
+impl From<DataRefKey> for DataRef {
+    fn from(key: DataRefKey) -> DataRef {
+        DataRef::Keyed(key)
+    }
+}
+
 /// The net changes queued for one data extent (a data `btrfs_delayed_ref_head`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataRefHead {
     pub bytenr: u64,
     pub num_bytes: u64,
     /// Net reference change per referencing key; zeros are dropped.
-    pub refs: BTreeMap<DataRefKey, i64>,
+    pub refs: BTreeMap<DataRef, i64>,
     pub must_insert_reserved: bool,
 }
 
@@ -205,9 +295,9 @@ mod tests {
         refs.add_tree_ref(32768, 1, 5, false);
         assert_eq!(refs.queued.get(), 3);
         let first = run(&refs).unwrap();
-        assert_eq!((first.ref_mod, first.must_insert_reserved), (0, true));
+        assert_eq!((first.ref_mod(), first.refs.len(), first.must_insert_reserved), (0, 0, true));
         let second = run(&refs).unwrap();
-        assert_eq!((second.bytenr, second.ref_mod, second.must_insert_reserved), (32768, -1, false));
+        assert_eq!((second.bytenr, second.ref_mod(), second.must_insert_reserved), (32768, -1, false));
         assert!(refs.is_empty());
     }
 
@@ -218,7 +308,9 @@ mod tests {
         refs.add_tree_ref(16384, 0, 5, false);
         refs.add_tree_ref(16384, 1, 2, true);
         let head = run(&refs).unwrap();
-        assert_eq!((head.root, head.level, head.ref_mod, head.must_insert_reserved), (2, 1, 1, true));
+        let refs: Vec<_> = head.refs.iter().map(|(k, v)| (*k, *v)).collect();
+        assert_eq!((head.level, head.must_insert_reserved), (1, true));
+        assert_eq!(refs, vec![(TreeRef::Root(2), 1)]);
     }
 
     #[test]
@@ -234,7 +326,7 @@ mod tests {
         let Some(Head::Data(head)) = refs.select_head() else { panic!("the data head is lower") };
         refs.head_done(head.bytenr);
         assert!(head.must_insert_reserved);
-        assert_eq!(head.refs.into_iter().collect::<Vec<_>>(), vec![(key, 2)]);
+        assert_eq!(head.refs.into_iter().collect::<Vec<_>>(), vec![(DataRef::Keyed(key), 2)]);
         assert!(matches!(run(&refs), Some(_)));
         assert!(refs.select_head().is_none() && refs.is_empty());
     }
@@ -247,7 +339,7 @@ mod tests {
         refs.add_tree_ref(16384, 0, 5, true);
         refs.add_tree_ref(32768, 0, 5, true);
         let Some(Head::Tree(insert)) = refs.select_head() else { panic!("a tree head") };
-        assert_eq!((insert.bytenr, insert.ref_mod), (16384, 1));
+        assert_eq!((insert.bytenr, insert.ref_mod()), (16384, 1));
         refs.add_tree_ref(16384, 0, 5, false);
         let Some(Head::Tree(other)) = refs.select_head() else { panic!("a tree head") };
         assert_eq!(other.bytenr, 32768, "the block being inserted is skipped");
@@ -255,7 +347,7 @@ mod tests {
         assert!(refs.select_head().is_none() && refs.is_processing() && !refs.is_empty());
         refs.head_done(16384);
         let free = run(&refs).unwrap();
-        assert_eq!((free.bytenr, free.ref_mod, free.must_insert_reserved), (16384, -1, false));
+        assert_eq!((free.bytenr, free.ref_mod(), free.must_insert_reserved), (16384, -1, false));
         assert!(refs.is_empty());
     }
 
@@ -267,6 +359,20 @@ mod tests {
             Head::Tree(head) => Some(head),
             Head::Data(head) => panic!("a data head {head:?}"),
         }
+    }
+
+    /// A shared block: its owner's drop, a parent reference and the
+    /// FULL_BACKREF flag merge in one head, which lookups read as pending.
+    #[test]
+    fn shared_block_references_merge_per_key_with_their_flags() {
+        let refs = DelayedRefRoot::default();
+        refs.add_tree_ref_mod(16384, 0, TreeRef::Shared { parent: 32768 }, 1, false, false);
+        refs.add_tree_ref_mod(16384, 0, TreeRef::Root(5), -1, false, false);
+        refs.set_tree_flags(16384, 0, 1 << 8);
+        assert_eq!(refs.pending_tree(16384), Some((0, 1 << 8, false)));
+        let head = run(&refs).unwrap();
+        assert_eq!(head.refs.len(), 2);
+        assert!(!head.space_freed);
     }
 
     #[test]

@@ -1063,16 +1063,16 @@ async fn read_chunk_tree(fs: &FsInfo, sb: &SuperBlock) -> Result<Rc<crate::exten
 /// and deleted subvolumes (refs 0) are skipped. Subvolume trees get their
 /// highest inode number (`btrfs_init_root_free_objectid`).
 async fn read_roots(fs: &FsInfo, sb: &SuperBlock, roots: &mut BTreeMap<u64, Rc<Root>>) -> Result<(), Error> {
-    let mut items: Vec<(u64, RootItem)> = Vec::new();
+    let mut items: Vec<(u64, RootItem, u64)> = Vec::new();
     for_each_leaf_item(fs, ROOT_TREE_OBJECTID, sb.root, sb.root_level, sb.generation, |key, data| {
         if key.item_type == ROOT_ITEM_KEY {
             let item = RootItem::read_any(data).map_err(|e| Error::BadTreeBlock(e.to_string()))?;
-            items.push((key.objectid, item));
+            items.push((key.objectid, item, key.offset));
         }
         Ok(())
     })
     .await?;
-    for (objectid, item) in items {
+    for (objectid, item, key_offset) in items {
         let skip = objectid == TREE_RELOC_OBJECTID
             || objectid == TREE_LOG_OBJECTID
             || objectid == ROOT_TREE_OBJECTID
@@ -1084,6 +1084,7 @@ async fn read_roots(fs: &FsInfo, sb: &SuperBlock, roots: &mut BTreeMap<u64, Rc<R
         let node =
             read_tree_block_verified(fs, item.bytenr, objectid, item.level, item.generation, None).await?;
         let root = Root::new(fs, objectid, node, item);
+        root.root_key_offset.set(key_offset);
         if is_fstree(objectid) {
             let target = Key::new(LAST_FREE_OBJECTID, u8::MAX, u64::MAX);
             let last =

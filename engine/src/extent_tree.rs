@@ -5,26 +5,33 @@
 //! alloc_reserved_tree_block, __btrfs_free_extent): each queued change of a
 //! tree block inserts or deletes its METADATA_ITEM in the extent tree.
 
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::accessors::{NewBlockHeader, init_tree_block};
+use crate::accessors::{
+    header_backref_rev, header_level, header_nritems, item_data, item_key, node_blockptr, node_key,
+    node_ptr_generation,
+};
 use crate::block_group::type_flags;
 use crate::block_rsv::{BlockRsv, BlockRsvType, RsvUse, unuse_block_rsv, use_block_rsv};
 use crate::ctree::{Path, Root, del_items, insert_item, search_slot};
-use crate::delayed_ref::{DataRefHead, DataRefKey, Head, RefHead};
+use crate::delayed_ref::{DataRef, DataRefHead, DataRefKey, Head, RefHead, TreeRef};
 use crate::env::{Violation, WaitOn};
 use crate::error::Error;
+use crate::extent_io::read_tree_block_verified;
 use crate::extent_io::{
     ExtentBuffer, alloc_extent_buffer, clear_extent_buffer_dirty, free_extent_buffer_stale,
     set_extent_buffer_uptodate,
 };
 use crate::format::{
-    BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID, EXTENT_FLAG_DATA,
-    EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID, ExtentDataRef, ExtentItem,
-    HEADER_FLAG_WRITTEN, InlineRef, Key, METADATA_ITEM_KEY, TREE_LOG_OBJECTID,
+    BLOCK_FLAG_FULL_BACKREF, BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID,
+    EXTENT_DATA_KEY, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
+    ExtentDataRef, ExtentItem, FileExtentBody, FileExtentItem, HEADER_FLAG_WRITTEN, InlineRef, Key,
+    METADATA_ITEM_KEY, MIXED_BACKREF_REV, TREE_LOG_OBJECTID,
 };
 use crate::fs::FsInfo;
-use crate::locking::tree_lock;
+use crate::locking::{tree_lock, tree_unlock};
 use crate::transaction::{TransHandle, check_fs_error, check_reservation, mark_buffer_dirty};
 
 /// Which block group type holds a tree's blocks.
@@ -84,7 +91,13 @@ pub async fn alloc_tree_block(
     Ok(eb)
 }
 
+/// A live tree's `bytes_used` follows its allocations and frees; a tree
+/// being dropped (no longer among the filesystem's roots) has no item left
+/// to keep right.
 fn adjust_root_bytes_used(root: &Root, delta: i64) {
+    if !root.fs_info().roots.borrow().contains_key(&root.objectid) {
+        return;
+    }
     let mut item = root.root_item.borrow_mut();
     item.bytes_used = item.bytes_used.checked_add_signed(delta).expect("root bytes_used underflow");
 }
@@ -144,26 +157,45 @@ fn uncharge_tree_block(handle: &TransHandle, root: &Root) {
     }
 }
 
-/// `root` no longer references `eb` (kernel: btrfs_free_tree_block). A block
-/// of this transaction is cleaned so it is never written; if it was never
-/// written its space is free at once, otherwise it stays pinned until the
-/// transaction commits.
+/// `root` no longer references `eb`, its only reference (kernel:
+/// btrfs_free_tree_block with last_ref): see [`free_tree_block_ref`].
 pub fn free_tree_block(handle: &TransHandle, root: &Root, eb: &ExtentBuffer) {
+    free_tree_block_ref(handle, root, eb, TreeRef::Root(root.objectid), true);
+}
+
+/// `root` drops its reference `key` to `eb` (kernel: btrfs_free_tree_block).
+/// If that is the last reference (`last_ref`, as update_ref_for_cow or the
+/// snapshot drop found it), a block of this transaction is cleaned so it
+/// is never written; if it was never written its space is free at once,
+/// otherwise it stays pinned until the transaction commits. A reference
+/// that is not known to be the last only queues its drop: the run that
+/// takes the count to zero frees the space.
+pub fn free_tree_block_ref(
+    handle: &TransHandle,
+    root: &Root,
+    eb: &ExtentBuffer,
+    key: TreeRef,
+    last_ref: bool,
+) {
+    if !last_ref {
+        drop_tree_ref(handle, root, eb.start, eb.level(), key);
+        return;
+    }
     let fs = &handle.fs;
     let nodesize = u64::from(fs.nodesize);
+    adjust_root_bytes_used(root, -(nodesize as i64));
+    if root.objectid == TREE_LOG_OBJECTID {
+        fs.log.block_freed(eb.start);
+    } else {
+        handle.transaction.delayed_refs.add_tree_ref_mod(eb.start, eb.level(), key, -1, false, true);
+    }
     let ours = eb.generation() == handle.transid;
     if ours {
         clear_extent_buffer_dirty(eb);
         handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
     }
-    if root.objectid == TREE_LOG_OBJECTID {
-        fs.log.block_freed(eb.start);
-    } else {
-        handle.transaction.delayed_refs.add_tree_ref(eb.start, eb.level(), root.objectid, false);
-    }
     let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     fs.block_groups.free_extent(eb.start, nodesize, pin);
-    adjust_root_bytes_used(root, -(nodesize as i64));
     let space_info = fs.space.get().map(|space| space.for_flags(tree_block_group_flags(root.objectid)));
     if let Some(space_info) = space_info {
         space_info.update_block_group(nodesize, false);
@@ -176,6 +208,161 @@ pub fn free_tree_block(handle: &TransHandle, root: &Root, eb: &ExtentBuffer) {
         }
         free_extent_buffer_stale(fs, eb);
     }
+}
+
+/// Queue the drop of `root`'s reference `key` to the (shared) tree block at
+/// `bytenr`, not known to be its last: the block keeps its space until a
+/// run of delayed refs takes its count to zero.
+fn drop_tree_ref(handle: &TransHandle, root: &Root, bytenr: u64, level: u8, key: TreeRef) {
+    adjust_root_bytes_used(root, -i64::from(handle.fs.nodesize));
+    handle.transaction.delayed_refs.add_tree_ref_mod(bytenr, level, key, -1, false, false);
+}
+
+/// `btrfs_lookup_extent_info`: the reference count and extent flags of the
+/// tree block at `bytenr`: its METADATA_ITEM (none yet: 0) plus the changes
+/// queued in this transaction. Waits while another task runs its head, and
+/// looks again if a head ran while it searched.
+pub async fn lookup_extent_info(handle: &TransHandle, bytenr: u64, level: u8) -> Result<(u64, u64), Error> {
+    let fs = &handle.fs;
+    let refs = &handle.transaction.delayed_refs;
+    let extent_root = fs.root(EXTENT_TREE_OBJECTID);
+    let key = Key { objectid: bytenr, item_type: METADATA_ITEM_KEY, offset: u64::from(level) };
+    loop {
+        if refs.is_processing_head(bytenr) {
+            fs.env.wait_on(WaitOn::Other("delayed ref head of a looked-up block"));
+            refs.processed
+                .wait_until(|| !refs.is_processing_head(bytenr) || fs.trans.fs_error.get().is_some())
+                .await;
+            check_fs_error(fs)?;
+        }
+        let done = refs.done.get();
+        let mut path = Path::new();
+        // Boxed: a COW looks extent info up, and the lookup searches (read-only).
+        let found = Box::pin(search_slot(None, &extent_root, &key, &mut path, 0, false)).await?;
+        let (mut count, mut flags) = if found {
+            let item = ExtentItem::read(&path.item_data(path.slots[0]), METADATA_ITEM_KEY)
+                .map_err(|e| Error::BadTreeBlock(format!("metadata item {key}: {e}")))?;
+            (item.refs as i64, item.flags)
+        } else {
+            (0, 0)
+        };
+        drop(path);
+        if refs.done.get() != done || refs.is_processing_head(bytenr) {
+            continue;
+        }
+        if let Some((ref_mod, set_flags, _)) = refs.pending_tree(bytenr) {
+            count += ref_mod;
+            flags |= set_flags;
+        }
+        let count = u64::try_from(count).map_err(|_| {
+            Error::BadTreeBlock(format!("tree block {bytenr} has {count} references counting queued changes"))
+        })?;
+        return Ok((count, flags));
+    }
+}
+
+/// `btrfs_inc_ref` (`inc`) / `btrfs_dec_ref`: one reference more or less
+/// for everything `eb` points at: its children, or the data extents of its
+/// file extent items. `full_backref`: by `eb` as parent (SHARED_BLOCK_REF,
+/// SHARED_DATA_REF), else by `root` (TREE_BLOCK_REF, EXTENT_DATA_REF).
+/// Returns how many references it queued.
+pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backref: bool, inc: bool) -> u64 {
+    let refs = &handle.transaction.delayed_refs;
+    let delta = if inc { 1 } else { -1 };
+    let data = eb.data.borrow();
+    let level = header_level(&data);
+    let mut queued = 0;
+    for slot in 0..header_nritems(&data) as usize {
+        if level > 0 {
+            let key = if full_backref {
+                TreeRef::Shared { parent: eb.start }
+            } else {
+                TreeRef::Root(root.objectid)
+            };
+            refs.add_tree_ref_mod(node_blockptr(&data, slot), level - 1, key, delta, false, false);
+            queued += 1;
+            continue;
+        }
+        let key = item_key(&data, slot);
+        if key.item_type != EXTENT_DATA_KEY {
+            continue;
+        }
+        let Ok(FileExtentItem {
+            body: FileExtentBody::Regular { disk_bytenr, disk_num_bytes, offset, .. },
+            ..
+        }) = FileExtentItem::read(item_data(&data, slot))
+        else {
+            continue;
+        };
+        if disk_bytenr == 0 {
+            continue;
+        }
+        let data_ref = if full_backref {
+            DataRef::Shared { parent: eb.start }
+        } else {
+            DataRef::Keyed(DataRefKey {
+                root: root.objectid,
+                objectid: key.objectid,
+                offset: key.offset - offset,
+            })
+        };
+        refs.add_data_ref(disk_bytenr, disk_num_bytes, data_ref, delta, false);
+        queued += 1;
+    }
+    queued
+}
+
+/// Whether `buf` of `root` may be referenced by other trees too (kernel:
+/// btrfs_block_can_be_shared): a block of a subvolume tree, not its root,
+/// written no later than the subvolume's last snapshot, or a relocated one.
+pub fn block_can_be_shared(root: &Root, buf: &Rc<ExtentBuffer>) -> bool {
+    root.is_subvolume()
+        && !Rc::ptr_eq(buf, &root.node())
+        && (buf.generation() <= root.root_item.borrow().last_snapshot || buf.header_flag_reloc())
+}
+
+/// `update_ref_for_cow`: before `root` replaces `buf` by its copy `cow`,
+/// keep the references of whoever else shares `buf`. Shared and owned by
+/// this root without FULL_BACKREF: `buf`'s children get a reference by
+/// `buf` as parent and `buf` becomes FULL_BACKREF (this root keeps its
+/// references, now for `cow`). Shared otherwise: `cow`'s children get a
+/// reference by this root. Unshared but FULL_BACKREF: the children's
+/// parent references move to this root. Returns whether this root's
+/// reference was the last (the caller frees the block then).
+pub async fn update_ref_for_cow(
+    handle: &TransHandle,
+    root: &Root,
+    buf: &Rc<ExtentBuffer>,
+    cow: &ExtentBuffer,
+) -> Result<bool, Error> {
+    let (refs, flags) = if block_can_be_shared(root, buf) {
+        let (refs, flags) = lookup_extent_info(handle, buf.start, buf.level()).await?;
+        if refs == 0 {
+            return Err(Error::BadTreeBlock(format!(
+                "tree block {} of root {} has no references to COW",
+                buf.start, root.objectid
+            )));
+        }
+        (refs, flags)
+    } else {
+        let old_backrefs = header_backref_rev(&buf.data.borrow()) < MIXED_BACKREF_REV;
+        (1, if old_backrefs { BLOCK_FLAG_FULL_BACKREF } else { 0 })
+    };
+    let full = flags & BLOCK_FLAG_FULL_BACKREF != 0;
+    if refs > 1 {
+        if buf.owner() == root.objectid && !full {
+            mod_ref(handle, root, buf, true, true);
+            handle.transaction.delayed_refs.set_tree_flags(buf.start, buf.level(), BLOCK_FLAG_FULL_BACKREF);
+        } else {
+            mod_ref(handle, root, cow, false, true);
+        }
+        return Ok(false);
+    }
+    if full {
+        mod_ref(handle, root, cow, false, true);
+        mod_ref(handle, root, buf, true, false);
+    }
+    Ok(true)
 }
 
 /// `btrfs_pin_extent_for_log_replay`: a block of the log being replayed
@@ -222,6 +409,103 @@ pub fn unpin_extents(fs: &FsInfo, pinned: &std::collections::BTreeMap<u64, u64>)
     }
 }
 
+/// `btrfs_drop_snapshot`, the DROP_REFERENCE walk: give up every reference
+/// the dead tree `root` holds. A block another tree shares (more than one
+/// reference) only loses the reference by which `root` reached it and is
+/// not descended into; a block only `root` references is read, its
+/// children (or its data extents) are dropped the same way, then it is
+/// freed. Each block is locked while its count is looked up, so that a COW
+/// of it by a tree that shares it (which moves references) is seen whole.
+/// References of a block with FULL_BACKREF are by parent, the others by
+/// `root`. The caller has taken `root` out of the filesystem's roots.
+pub async fn drop_snapshot(handle: &TransHandle, root: &Root) -> Result<(), Error> {
+    enum Step {
+        Visit { bytenr: u64, level: u8, generation: u64, first_key: Option<Key>, by: TreeRef },
+        Free { eb: Rc<ExtentBuffer>, by: TreeRef },
+    }
+    let fs = &handle.fs;
+    let node = root.node();
+    let mut stack = vec![Step::Visit {
+        bytenr: node.start,
+        level: node.level(),
+        generation: node.generation(),
+        first_key: None,
+        by: TreeRef::Root(root.objectid),
+    }];
+    drop(node);
+    while let Some(step) = stack.pop() {
+        let (bytenr, level, generation, first_key, by) = match step {
+            Step::Free { eb, by } => {
+                free_tree_block_ref(handle, root, &eb, by, true);
+                continue;
+            }
+            Step::Visit { bytenr, level, generation, first_key, by } => {
+                (bytenr, level, generation, first_key, by)
+            }
+        };
+        let eb = alloc_extent_buffer(fs, bytenr).await;
+        tree_lock(fs, &eb).await;
+        let looked_up = lookup_extent_info(handle, bytenr, level).await;
+        let (refs, flags) = match looked_up {
+            Ok(info) => info,
+            Err(error) => {
+                tree_unlock(&eb);
+                return Err(error);
+            }
+        };
+        if refs > 1 {
+            drop_tree_ref(handle, root, bytenr, level, by);
+            tree_unlock(&eb);
+            continue;
+        }
+        tree_unlock(&eb);
+        drop(eb);
+        if refs == 0 {
+            return Err(Error::BadTreeBlock(format!(
+                "tree block {bytenr} (level {level}) of dropped tree {} has no references",
+                root.objectid
+            )));
+        }
+        let eb = read_tree_block_verified(fs, bytenr, root.objectid, level, generation, first_key).await?;
+        let full_backref = flags & BLOCK_FLAG_FULL_BACKREF != 0;
+        if !full_backref && eb.owner() != root.objectid {
+            // Its children's references are by its owner, which no longer
+            // reaches it: no one could ever drop them.
+            return Err(Error::BadTreeBlock(format!(
+                "tree block {bytenr} of dropped tree {}: its only reference, owned by tree {} without FULL_BACKREF",
+                root.objectid,
+                eb.owner()
+            )));
+        }
+        if level == 0 {
+            mod_ref(handle, root, &eb, full_backref, false);
+            free_tree_block_ref(handle, root, &eb, by, true);
+            continue;
+        }
+        let children: Vec<(u64, u64, Key)> = {
+            let data = eb.data.borrow();
+            (0..header_nritems(&data) as usize)
+                .map(|slot| {
+                    (node_blockptr(&data, slot), node_ptr_generation(&data, slot), node_key(&data, slot))
+                })
+                .collect()
+        };
+        let child_by =
+            if full_backref { TreeRef::Shared { parent: bytenr } } else { TreeRef::Root(root.objectid) };
+        stack.push(Step::Free { eb, by });
+        for (child, generation, key) in children.into_iter().rev() {
+            stack.push(Step::Visit {
+                bytenr: child,
+                level: level - 1,
+                generation,
+                first_key: Some(key),
+                by: child_by,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Run every queued reference change, and those that running them queues,
 /// until the queue is empty (kernel: btrfs_run_delayed_refs(trans, 0)).
 pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
@@ -247,16 +531,9 @@ pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
 }
 
 async fn run_head(handle: &TransHandle, head: Head) -> Result<(), Error> {
-    let head = match head {
-        Head::Tree(head) => head,
-        Head::Data(head) => return run_data_head(handle, &head).await,
-    };
-    match head.ref_mod {
-        1 if head.must_insert_reserved => alloc_reserved_tree_block(handle, &head).await,
-        -1 if !head.must_insert_reserved => free_tree_block_item(handle, &head).await,
-        // Allocated and freed in the same transaction: the extent tree never knew it.
-        0 => Ok(()),
-        _ => panic!("inconsistent delayed ref head {head:?}"),
+    match head {
+        Head::Tree(head) => run_tree_head(handle, &head).await,
+        Head::Data(head) => run_data_head(handle, &head).await,
     }
 }
 
@@ -264,30 +541,127 @@ fn metadata_key(head: &RefHead) -> Key {
     Key { objectid: head.bytenr, item_type: METADATA_ITEM_KEY, offset: u64::from(head.level) }
 }
 
-/// Insert the skinny METADATA_ITEM of a new tree block with its one inline
-/// TREE_BLOCK_REF (33 bytes).
-async fn alloc_reserved_tree_block(handle: &TransHandle, head: &RefHead) -> Result<(), Error> {
-    let extent_root = handle.fs.root(EXTENT_TREE_OBJECTID);
-    let item = ExtentItem::tree_block(handle.transid, head.root);
-    debug_assert_eq!(item.flags, EXTENT_FLAG_TREE_BLOCK);
-    insert_item(handle, &extent_root, &metadata_key(head), &item.to_bytes()).await
-}
-
-/// Delete the METADATA_ITEM of a tree block no longer referenced.
-async fn free_tree_block_item(handle: &TransHandle, head: &RefHead) -> Result<(), Error> {
-    let extent_root = handle.fs.root(EXTENT_TREE_OBJECTID);
+/// Run the queued changes of one tree block (run_delayed_tree_ref and
+/// run_delayed_extent_op): insert the skinny METADATA_ITEM of a new block
+/// (an unshared one has 33 bytes: one TREE_BLOCK_REF), change its inline
+/// references and flags, or delete it when no reference is left, freeing
+/// the block's space if the last free did not.
+async fn run_tree_head(handle: &TransHandle, head: &RefHead) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let extent_root = fs.root(EXTENT_TREE_OBJECTID);
+    let key = metadata_key(head);
+    let bad = |what: String| {
+        Err(Error::BadTreeBlock(format!("tree block {} (level {}): {what}", head.bytenr, head.level)))
+    };
+    if head.must_insert_reserved {
+        // Allocated and freed in the same transaction: the extent tree never knew it.
+        if head.refs.is_empty() {
+            return Ok(());
+        }
+        if head.refs.values().any(|&count| count < 0) {
+            return bad(format!("a new block drops a reference it does not have: {:?}", head.refs));
+        }
+        let refs: BTreeMap<TreeRef, i64> = head.refs.clone();
+        let item = tree_block_item(handle.transid, EXTENT_FLAG_TREE_BLOCK | head.set_flags, &refs);
+        return insert_item(handle, &extent_root, &key, &item.to_bytes()).await;
+    }
+    if head.refs.is_empty() && head.set_flags == 0 {
+        return Ok(());
+    }
     let mut path = Path::new();
-    let found = search_slot(Some(handle), &extent_root, &metadata_key(head), &mut path, -1, true).await?;
-    if !found {
+    if !search_slot(Some(handle), &extent_root, &key, &mut path, -1, true).await? {
         // The kernel aborts the transaction with -EUCLEAN here: the extent
         // tree has lost track of a block a tree still referenced.
-        return Err(Error::BadTreeBlock(format!(
-            "extent tree has no METADATA_ITEM for freed tree block {} (level {}, root {})",
-            head.bytenr, head.level, head.root
-        )));
+        return bad(format!(
+            "the extent tree has no METADATA_ITEM for its reference changes {:?}",
+            head.refs
+        ));
     }
     let slot = path.slots[0];
-    del_items(handle, &extent_root, &mut path, slot, 1).await
+    let old = ExtentItem::read(&path.item_data(slot), METADATA_ITEM_KEY)
+        .map_err(|e| Error::BadTreeBlock(format!("metadata item {key}: {e}")))?;
+    let mut refs = BTreeMap::new();
+    for inline in &old.inline_refs {
+        let ref_key = match *inline {
+            InlineRef::TreeBlock { root } => TreeRef::Root(root),
+            InlineRef::SharedBlock { parent } => TreeRef::Shared { parent },
+            ref other => return bad(format!("a tree block item with a {other:?} reference")),
+        };
+        refs.insert(ref_key, 1);
+    }
+    for (ref_key, &delta) in &head.refs {
+        let count = refs.entry(*ref_key).or_insert(0);
+        *count += delta;
+        if !(0..=1).contains(count) {
+            return bad(format!("reference {ref_key:?} would count {count}"));
+        }
+        if *count == 0 {
+            refs.remove(ref_key);
+        }
+    }
+    if refs.is_empty() {
+        del_items(handle, &extent_root, &mut path, slot, 1).await?;
+        drop(path);
+        if !head.space_freed {
+            // Its last reference went with a drop that did not know it was the last.
+            let nodesize = u64::from(fs.nodesize);
+            fs.block_groups.free_extent(head.bytenr, nodesize, true);
+            if let Some(space) = fs.space.get() {
+                space.for_flags(BLOCK_GROUP_METADATA).update_block_group(nodesize, false);
+            }
+            handle.transaction.pinned.borrow_mut().insert(head.bytenr, nodesize);
+        }
+        return Ok(());
+    }
+    if head.space_freed {
+        return bad(format!("freed as its last reference, but {refs:?} remain"));
+    }
+    let item = tree_block_item(old.generation, old.flags | head.set_flags, &refs);
+    rewrite_extent_item(handle, path, &key, old.encoded_len(), &item.to_bytes()).await
+}
+
+/// Replace the extent item at the path's slot by `bytes`: in place if its
+/// size is unchanged, else (a reference came or went) deleted and inserted.
+async fn rewrite_extent_item(
+    handle: &TransHandle,
+    mut path: Path,
+    key: &Key,
+    old_len: usize,
+    bytes: &[u8],
+) -> Result<(), Error> {
+    let slot = path.slots[0];
+    if bytes.len() == old_len {
+        let leaf = path.leaf().clone();
+        crate::accessors::item_data_mut(&mut leaf.data.borrow_mut(), slot).copy_from_slice(bytes);
+        mark_buffer_dirty(handle, &leaf);
+        return Ok(());
+    }
+    let extent_root = handle.fs.root(EXTENT_TREE_OBJECTID);
+    del_items(handle, &extent_root, &mut path, slot, 1).await?;
+    drop(path);
+    insert_item(handle, &extent_root, key, bytes).await
+}
+
+/// A skinny METADATA_ITEM with one inline ref per reference, in the order
+/// the tree checker demands (TREE_BLOCK_REFs, then SHARED_BLOCK_REFs, each
+/// by decreasing root or parent).
+fn tree_block_item(generation: u64, flags: u64, refs: &BTreeMap<TreeRef, i64>) -> ExtentItem {
+    let mut inline: Vec<InlineRef> = refs
+        .keys()
+        .map(|key| match *key {
+            TreeRef::Root(root) => InlineRef::TreeBlock { root },
+            TreeRef::Shared { parent } => InlineRef::SharedBlock { parent },
+        })
+        .collect();
+    inline.sort_by_key(|r| {
+        let offset = match *r {
+            InlineRef::TreeBlock { root } => root,
+            InlineRef::SharedBlock { parent } => parent,
+            _ => unreachable!("tree block refs only"),
+        };
+        (r.ref_type(), std::cmp::Reverse(offset))
+    });
+    ExtentItem { refs: inline.len() as u64, generation, flags, tree_block_info: None, inline_refs: inline }
 }
 
 // ---------------------------------------------------------------------------
@@ -354,40 +728,54 @@ fn data_extent_key(head: &DataRefHead) -> Key {
     Key::new(head.bytenr, EXTENT_ITEM_KEY, head.num_bytes)
 }
 
-/// The inline EXTENT_DATA_REFs of a data extent item as counts per key.
-fn data_refs_of(item: &ExtentItem) -> Result<std::collections::BTreeMap<DataRefKey, i64>, String> {
-    let mut refs = std::collections::BTreeMap::new();
+/// The inline data refs of a data extent item as counts per reference.
+fn data_refs_of(item: &ExtentItem) -> Result<BTreeMap<DataRef, i64>, String> {
+    let mut refs = BTreeMap::new();
     for inline in &item.inline_refs {
-        match inline {
+        match *inline {
             InlineRef::ExtentData(r) => {
                 let key = DataRefKey { root: r.root, objectid: r.objectid, offset: r.offset };
-                *refs.entry(key).or_insert(0) += i64::from(r.count);
+                *refs.entry(DataRef::Keyed(key)).or_insert(0) += i64::from(r.count);
             }
-            other => return Err(format!("data extent with a {other:?} reference")),
+            InlineRef::SharedData { parent, count } => {
+                *refs.entry(DataRef::Shared { parent }).or_insert(0) += i64::from(count);
+            }
+            ref other => return Err(format!("data extent with a {other:?} reference")),
         }
     }
     Ok(refs)
 }
 
-/// A data EXTENT_ITEM with one inline EXTENT_DATA_REF per key, in the
-/// kernel's order of inline refs (by type, then by the ref's hash).
-fn data_extent_item(generation: u64, refs: &std::collections::BTreeMap<DataRefKey, i64>) -> ExtentItem {
-    let mut inline: Vec<ExtentDataRef> = refs
-        .iter()
-        .map(|(key, &count)| ExtentDataRef {
-            root: key.root,
-            objectid: key.objectid,
-            offset: key.offset,
-            count: u32::try_from(count).expect("a positive data ref count"),
-        })
-        .collect();
-    inline.sort_by_key(|r| std::cmp::Reverse(r.hash()));
+/// A data EXTENT_ITEM with one inline ref per reference, in the kernel's
+/// order of inline refs: EXTENT_DATA_REFs by decreasing hash, then
+/// SHARED_DATA_REFs by decreasing parent.
+fn data_extent_item(generation: u64, refs: &BTreeMap<DataRef, i64>) -> ExtentItem {
+    let count = |count: i64| u32::try_from(count).expect("a positive data ref count");
+    let mut keyed: Vec<ExtentDataRef> = Vec::new();
+    let mut shared: Vec<(u64, u32)> = Vec::new();
+    for (data_ref, &n) in refs {
+        match *data_ref {
+            DataRef::Keyed(key) => keyed.push(ExtentDataRef {
+                root: key.root,
+                objectid: key.objectid,
+                offset: key.offset,
+                count: count(n),
+            }),
+            DataRef::Shared { parent } => shared.push((parent, count(n))),
+        }
+    }
+    keyed.sort_by_key(|r| std::cmp::Reverse(r.hash()));
+    shared.sort_by_key(|&(parent, _)| std::cmp::Reverse(parent));
     ExtentItem {
         refs: refs.values().sum::<i64>() as u64,
         generation,
         flags: EXTENT_FLAG_DATA,
         tree_block_info: None,
-        inline_refs: inline.into_iter().map(InlineRef::ExtentData).collect(),
+        inline_refs: keyed
+            .into_iter()
+            .map(InlineRef::ExtentData)
+            .chain(shared.into_iter().map(|(parent, count)| InlineRef::SharedData { parent, count }))
+            .collect(),
     }
 }
 
@@ -442,15 +830,5 @@ async fn run_data_head(handle: &TransHandle, head: &DataRefHead) -> Result<(), E
         return free_data_extent(handle, head.bytenr, head.num_bytes).await;
     }
     let item = data_extent_item(old.generation, &refs);
-    let bytes = item.to_bytes();
-    if bytes.len() == old.encoded_len() {
-        let leaf = path.leaf().clone();
-        crate::accessors::item_data_mut(&mut leaf.data.borrow_mut(), slot).copy_from_slice(&bytes);
-        mark_buffer_dirty(handle, &leaf);
-        return Ok(());
-    }
-    // A reference key came or went: the item changes size.
-    del_items(handle, &extent_root, &mut path, slot, 1).await?;
-    drop(path);
-    insert_item(handle, &extent_root, &key, &bytes).await
+    rewrite_extent_item(handle, path, &key, old.encoded_len(), &item.to_bytes()).await
 }

@@ -1343,6 +1343,14 @@ pub async fn write_and_wait_inode(fs: &Rc<FsInfo>, ino: u64) -> Result<(), Error
 /// dirty page, wait for the ordered extents started so far, commit.
 pub async fn sync_fs(fs: &Rc<FsInfo>) -> Result<(), Error> {
     crate::transaction::check_fs_error(fs)?;
+    start_delalloc_and_wait(fs).await?;
+    sync(fs).await
+}
+
+/// `btrfs_start_delalloc_roots` and `btrfs_wait_ordered_roots`: write back
+/// every dirty page and wait for the ordered extents started so far, so
+/// that their file extents are in the trees.
+pub async fn start_delalloc_and_wait(fs: &Rc<FsInfo>) -> Result<(), Error> {
     let inodes: Vec<u64> = fs.page_cache.inodes.borrow().keys().copied().collect();
     for ino in inodes {
         writepages(fs, ino, true).await?;
@@ -1354,7 +1362,7 @@ pub async fn sync_fs(fs: &Rc<FsInfo>) -> Result<(), Error> {
         fs.env.wait_on(WaitOn::Other("ordered extents of sync"));
         cache.wait.wait_until(move || !pending()).await;
     }
-    sync(fs).await
+    Ok(())
 }
 
 /// Background writeback (the flusher, reclaim): start writeback of up to
@@ -1451,16 +1459,9 @@ mod tests {
 
     use super::*;
     use crate::env::Env;
-    use crate::inode::testing::{mount, run};
+    use crate::inode::testing::{check_clean, mount, run};
     use crate::inode::{ROOT_DIR_INO, create, unlink};
     use crate::testenv::TestEnv;
-
-    fn check_clean(env: &Rc<TestEnv>) -> crate::check::CheckReport {
-        let dyn_env: Rc<dyn Env> = env.clone();
-        let report = env.run(crate::check::check(dyn_env)).expect("check mounts");
-        assert!(report.ok(), "check: {:#?}", report.errors);
-        report
-    }
 
     fn read_all(env: &TestEnv, fs: &Rc<FsInfo>, ino: u64) -> Vec<u8> {
         run(env, fs, move |fs| async move { read(&fs, ino, 0, u64::MAX).await }).expect("read")

@@ -1211,6 +1211,21 @@ pub(crate) mod testing {
         (env, fs)
     }
 
+    /// Mount the image afresh and check it; panics with the errors if unclean.
+    pub(crate) fn check_clean(env: &Rc<TestEnv>) -> crate::check::CheckReport {
+        let dyn_env: Rc<dyn Env> = env.clone();
+        let report = env.run(crate::check::check(dyn_env)).expect("check mounts");
+        assert!(report.ok(), "check: {:#?}", report.errors);
+        report
+    }
+
+    /// Power loss now: mount the device again, as it is (the test device
+    /// has no volatile cache; the old instance never runs again).
+    pub(crate) fn crash_and_mount(env: &Rc<TestEnv>) -> Rc<FsInfo> {
+        let dyn_env: Rc<dyn Env> = env.clone();
+        env.run(open_ctree(dyn_env, FixPolicy::None)).expect("mount after crash")
+    }
+
     /// Run `f(fs)` as a task until the environment is idle.
     pub(crate) fn run<T: 'static, Fut: Future<Output = T> + 'static>(
         env: &TestEnv,

@@ -24,6 +24,7 @@ pub mod format;
 pub mod fs;
 pub mod inode;
 pub mod inode_item;
+pub mod ioctl;
 pub mod locking;
 pub mod space_info;
 pub mod transaction;

@@ -15,7 +15,7 @@ use std::rc::Rc;
 
 use crate::accessors::item_data_mut;
 use crate::block_rsv::{BlockRsvType, TransRsvAccount};
-use crate::ctree::{Path, Root, insert_item, lookup_item, search_slot};
+use crate::ctree::{Path, Root, copy_root, cow_block, insert_item, lock_root_node, lookup_item, search_slot};
 use crate::delayed_inode::{run_delayed_items, run_delayed_items_nr};
 use crate::delayed_ref::DelayedRefRoot;
 use crate::disk_io::{fill_super_for_commit, write_all_supers};
@@ -25,10 +25,12 @@ use crate::extent_io::ExtentBuffer;
 use crate::extent_io::write_and_wait_ebs;
 use crate::extent_tree::{run_delayed_refs, unpin_extents};
 use crate::format::{
-    BLOCK_GROUP_METADATA, CHUNK_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, FS_TREE_OBJECTID,
-    FixedItem, Key, ROOT_ITEM_KEY, ROOT_TREE_OBJECTID, RootItem, TREE_LOG_OBJECTID,
+    BLOCK_GROUP_METADATA, CHUNK_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, FIRST_FREE_OBJECTID,
+    FS_TREE_OBJECTID, FixedItem, Key, ROOT_ITEM_KEY, ROOT_SUBVOL_RDONLY, ROOT_TREE_OBJECTID, RootItem,
+    TREE_LOG_OBJECTID, UUID_SIZE, is_fstree,
 };
 use crate::fs::FsInfo;
+use crate::locking::tree_unlock;
 use crate::space_info::{FlushKind, FlushOps};
 use crate::volumes::alloc_chunk;
 use crate::volumes::{block_group_item_bytes, block_group_item_key};
@@ -74,6 +76,8 @@ pub struct Transaction {
     pub pinned: RefCell<BTreeMap<u64, u64>>,
     /// Reference changes of tree blocks, run at commit (and when too many queue up).
     pub delayed_refs: DelayedRefRoot,
+    /// Snapshots asked for in this transaction; its commit makes them.
+    pub pending_snapshots: RefCell<Vec<Rc<PendingSnapshot>>>,
     /// Wakes the committer when a writer ends, and handles waiting for the
     /// commit to unblock or complete.
     pub wait: WaitQueue,
@@ -88,6 +92,7 @@ impl Transaction {
             dirty_ebs: RefCell::new(BTreeSet::new()),
             pinned: RefCell::new(BTreeMap::new()),
             delayed_refs: DelayedRefRoot::default(),
+            pending_snapshots: RefCell::new(Vec::new()),
             wait: WaitQueue::new(),
         }
     }
@@ -459,7 +464,7 @@ pub async fn update_root(handle: &TransHandle, root: &Root) -> Result<(), Error>
     item.generation = handle.transid;
     item.generation_v2 = handle.transid;
     drop(node);
-    let key = Key { objectid: root.objectid, item_type: ROOT_ITEM_KEY, offset: 0 };
+    let key = Key { objectid: root.objectid, item_type: ROOT_ITEM_KEY, offset: root.root_key_offset.get() };
     let mut path = Path::new();
     if !search_slot(Some(handle), &tree_root, &key, &mut path, 0, true).await? {
         return Err(Error::BadTreeBlock(format!("root tree has no ROOT_ITEM for tree {}", root.objectid)));
@@ -516,7 +521,19 @@ pub async fn commit_transaction(handle: TransHandle) -> Result<(), Error> {
         end_transaction(handle);
         return wait_for_commit(&fs, &transaction).await;
     }
-    let result = do_commit(&handle).await;
+    // Delayed refs run before the commit starts, and running them may wait:
+    // another task may have started committing this transaction meanwhile,
+    // and then this one only waits for it, as the kernel's re-check of
+    // COMMIT_PREP does (two committers would each wait for the other to end
+    // its handle).
+    let result = match run_delayed_refs(&handle).await {
+        Ok(()) if transaction.state() != TransState::Running => {
+            end_transaction(handle);
+            return wait_for_commit(&fs, &transaction).await;
+        }
+        Ok(()) => do_commit(&handle).await,
+        Err(error) => Err(error),
+    };
     if let Err(error) = &result {
         abort_transaction(&handle, error, "btrfs_commit_transaction");
     }
@@ -562,7 +579,6 @@ async fn wait_for_commit(fs: &Rc<FsInfo>, transaction: &Rc<Transaction>) -> Resu
 async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     let fs = &handle.fs;
     let transaction = &handle.transaction;
-    run_delayed_refs(handle).await?;
     transaction.set_state(fs, TransState::CommitStart);
     // The committer's own inhibitions end before it waits and writes.
     handle.release_inhibited();
@@ -588,9 +604,15 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     // The commit makes the log redundant (commit_fs_roots → btrfs_free_log).
     crate::tree_log::free_log_trees(handle);
     run_delayed_items(handle).await?;
+    let snapshotted = create_pending_snapshots(handle).await?;
     run_delayed_refs(handle).await?;
     create_pending_block_groups(handle).await?;
     commit_roots(handle).await?;
+    // The sources' root items are written: their blocks are COWed as usual
+    // again (commit_fs_roots clears FORCE_COW).
+    for source in snapshotted {
+        source.force_cow.set(false);
+    }
     let super_block = fill_super_for_commit(fs, handle.transid)?;
     fs.trans.running.borrow_mut().take();
     *fs.trans.committing.borrow_mut() = Some(transaction.clone());
@@ -607,6 +629,96 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     unpin_extents(fs, &pinned);
     transaction.set_state(fs, TransState::Completed);
     Ok(())
+}
+
+/// A snapshot asked for in a transaction (kernel: struct
+/// btrfs_pending_snapshot): the source tree, and the new tree's id once the
+/// commit has made it.
+pub struct PendingSnapshot {
+    pub source: u64,
+    pub objectid: Cell<Option<u64>>,
+}
+
+/// `create_pending_snapshots`: make every snapshot asked for in this
+/// transaction. Returns the source trees (FORCE_COW until their root items
+/// are written).
+async fn create_pending_snapshots(handle: &TransHandle) -> Result<Vec<Rc<Root>>, Error> {
+    let pending = std::mem::take(&mut *handle.transaction.pending_snapshots.borrow_mut());
+    let mut sources = Vec::new();
+    for snapshot in pending {
+        sources.push(create_pending_snapshot(handle, &snapshot).await?);
+    }
+    Ok(sources)
+}
+
+/// `create_pending_snapshot`, during the commit with every writer gone and
+/// the delayed items run: the source's `last_snapshot` becomes this
+/// transaction (from now on its older blocks may be shared) and FORCE_COW
+/// is set; its root block is COWed, and copied by `copy_root` as the root
+/// of a new read-only tree, whose ROOT_ITEM (keyed by this transaction) is
+/// inserted in the root tree. Departure: the snapshot gets no directory
+/// entry, ROOT_REF/ROOT_BACKREF or UUID item; it is known by its id.
+async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot) -> Result<Rc<Root>, Error> {
+    let fs = &handle.fs;
+    let source = fs.root(pending.source);
+    let tree_root = fs.root(ROOT_TREE_OBJECTID);
+    // btrfs_get_free_objectid of the root tree: ids only grow while mounted.
+    let highest = fs.roots.borrow().keys().copied().filter(|&id| is_fstree(id)).max().unwrap_or(0);
+    let objectid = highest.max(tree_root.highest_objectid.get()).max(FIRST_FREE_OBJECTID - 1) + 1;
+    tree_root.highest_objectid.set(objectid);
+    source.root_item.borrow_mut().last_snapshot = handle.transid;
+    source.force_cow.set(true);
+    source.dirty.set(true);
+    let old = lock_root_node(fs, &source).await;
+    let node = match cow_block(handle, &source, &old, None).await {
+        Ok(node) => node,
+        Err(error) => {
+            tree_unlock(&old);
+            return Err(error);
+        }
+    };
+    let mut item = *source.root_item.borrow();
+    item.flags |= ROOT_SUBVOL_RDONLY;
+    item.parent_uuid = item.uuid;
+    item.uuid = subvol_uuid(fs, objectid);
+    item.received_uuid = [0; UUID_SIZE];
+    item.ctransid = handle.transid;
+    item.otransid = handle.transid;
+    item.drop_progress = Key::default();
+    item.drop_level = 0;
+    item.refs = 1;
+    let snapshot = Root::new(fs, objectid, node.clone(), item);
+    snapshot.root_key_offset.set(handle.transid);
+    snapshot.highest_objectid.set(source.highest_objectid.get());
+    let copied = copy_root(handle, &snapshot, &node).await;
+    tree_unlock(&node);
+    let copy = copied?;
+    snapshot.set_node(copy.clone());
+    tree_unlock(&copy);
+    {
+        let mut item = snapshot.root_item.borrow_mut();
+        item.bytenr = copy.start;
+        item.level = copy.level();
+        item.generation = handle.transid;
+        item.generation_v2 = handle.transid;
+    }
+    let key = Key { objectid, item_type: ROOT_ITEM_KEY, offset: handle.transid };
+    let bytes = snapshot.root_item.borrow().to_bytes();
+    insert_item(handle, &tree_root, &key, &bytes).await?;
+    fs.roots.borrow_mut().insert(objectid, snapshot);
+    pending.objectid.set(Some(objectid));
+    fs.env.trace(TraceEvent::Note { what: "snapshot", a: pending.source, b: objectid, c: copy.start });
+    Ok(source)
+}
+
+/// A new subvolume's UUID, from the filesystem's and the tree id (no OS
+/// randomness in a simulated run).
+fn subvol_uuid(fs: &FsInfo, objectid: u64) -> [u8; UUID_SIZE] {
+    let mut uuid = fs.fsid.get().unwrap_or_default();
+    for (byte, id) in uuid.iter_mut().zip(objectid.to_le_bytes()) {
+        *byte ^= id;
+    }
+    uuid
 }
 
 /// Insert the chunk, device extent and block group items of the chunks

@@ -681,24 +681,10 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::env::Env;
     use crate::file::{punch_hole, read, sync_fs, truncate, write};
-    use crate::inode::testing::{mount, run};
+    use crate::inode::testing::{check_clean, crash_and_mount, mount, run};
     use crate::inode::{ROOT_DIR_INO, create, lookup, rename, unlink};
     use crate::testenv::TestEnv;
-
-    fn check_clean(env: &Rc<TestEnv>) {
-        let dyn_env: Rc<dyn Env> = env.clone();
-        let report = env.run(crate::check::check(dyn_env)).expect("check mounts");
-        assert!(report.ok(), "check: {:#?}", report.errors);
-    }
-
-    /// Power loss now: mount the device again, as it is (the test device
-    /// has no volatile cache; the old instance never runs again).
-    fn crash_and_mount(env: &Rc<TestEnv>) -> Rc<FsInfo> {
-        let dyn_env: Rc<dyn Env> = env.clone();
-        env.run(crate::disk_io::open_ctree(dyn_env, crate::fix::FixPolicy::None)).expect("mount after crash")
-    }
 
     fn contents(env: &TestEnv, fs: &Rc<FsInfo>, name: &'static str) -> Option<Vec<u8>> {
         run(env, fs, move |fs| async move {

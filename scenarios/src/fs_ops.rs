@@ -348,6 +348,10 @@ pub fn engine_stats(fs: &FsInfo) -> serde_json::Value {
             "cows_per_search": percentiles(&searches.cows_per_search.borrow()),
             "restarts_per_search": percentiles(&searches.restarts_per_search.borrow()),
         },
+        "extent_refs": {
+            "shared_cows": searches.refs_per_shared_cow.borrow().values().sum::<u64>(),
+            "refs_per_shared_cow": percentiles(&searches.refs_per_shared_cow.borrow()),
+        },
         "extent_buffers": {
             "reads": ebs.eb_reads.get(),
             "writes": ebs.eb_writes.get(),

@@ -49,6 +49,10 @@ struct Params {
     max_file_bytes: u64,
     /// Percent of operations that are a sync.
     sync_percent: u32,
+    /// Percent of operations that take a snapshot of the fs tree or delete
+    /// the oldest one (absent in seed files older than snapshots: none).
+    #[serde(default)]
+    snapshot_percent: u32,
     nodesize: u32,
     device_bytes: u64,
     power_loss_after_ns: u64,
@@ -80,6 +84,8 @@ impl Scenario for Fsstress {
                 serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
                     "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } } })
             },
+            // Drawn last: the parameters above stay what they were for each seed.
+            snapshot_percent: rng.random_range(0..=4),
         };
         serde_json::to_value(params).expect("params serialize")
     }
@@ -91,6 +97,47 @@ impl Scenario for Fsstress {
         let setup = setup(context.env.clone(), context.fix, params.clone(), context.seed, state.clone());
         context.env.spawn("fsstress-setup", TaskKind::Workload, Box::pin(setup));
         Ok(Box::new(FsstressRun { params, state }))
+    }
+}
+
+/// `fsstress` with a snapshot or a snapshot deletion in one operation of
+/// five: most COWs then copy blocks a snapshot shares, which is where the
+/// delayed refs per COW (children, data extents, FULL_BACKREF) pile up.
+pub struct FsstressSnapshots;
+
+impl Scenario for FsstressSnapshots {
+    fn name(&self) -> &'static str {
+        "fsstress-snapshots"
+    }
+
+    fn description(&self) -> &'static str {
+        "fsstress with snapshots taken and deleted in one operation of five: COWs of shared blocks and their delayed refs"
+    }
+
+    fn configure(&self, seed: u64) -> serde_json::Value {
+        let mut params = Fsstress.configure(seed);
+        params["snapshot_percent"] = 20.into();
+        // Trees of several levels, so that snapshots share more than a root:
+        // many names, 4 KiB nodes, and the power cut late.
+        params["names"] = 40.into();
+        params["nodesize"] = 4096.into();
+        params["ops_per_task"] = 120.into();
+        params["power_loss_after_ns"] = (params["power_loss_after_ns"].as_u64().unwrap_or(0) * 15).into();
+        // Files of at most 64 KiB and a budget of at least 2 MiB: reading
+        // forty 256 KiB files back through a 512 KiB page cache after the
+        // crash takes longer than the progress timeout (seed 242).
+        params["max_file_bytes"] = params["max_file_bytes"].as_u64().unwrap_or(0).min(64 << 10).into();
+        let high = &mut params["world"]["memory"]["high_bytes"];
+        if high.as_u64().unwrap_or(0) < 2 << 20 {
+            let high_bytes: u64 = 2 << 20;
+            params["world"]["memory"] = serde_json::json!({ "high_bytes": high_bytes, "kswapd": {
+                "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } });
+        }
+        params
+    }
+
+    fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
+        Fsstress.start(context)
     }
 }
 
@@ -120,6 +167,10 @@ struct State {
     ops_completed: u64,
     syncs: u64,
     fsyncs: u64,
+    /// Snapshots of the fs tree alive now, oldest first.
+    snapshots: Vec<u64>,
+    snapshots_taken: u64,
+    snapshots_deleted: u64,
     writes: u64,
     reads: u64,
     stopped: bool,
@@ -166,11 +217,17 @@ enum Action {
     Unlink(String),
     Fsync(String),
     Sync,
+    Snapshot,
+    DeleteSnapshot,
 }
 
 fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
     let path = |rng: &mut ChaCha8Rng| format!("t{task}/f{}", rng.random_range(0..params.names));
     let max = params.max_file_bytes;
+    // No draw without snapshots: runs from before snapshots replay alike.
+    if params.snapshot_percent > 0 && rng.random_range(0..100) < params.snapshot_percent {
+        return if rng.random_range(0..3) < 2 { Action::Snapshot } else { Action::DeleteSnapshot };
+    }
     if rng.random_range(0..100) < params.sync_percent {
         return Action::Sync;
     }
@@ -357,6 +414,26 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
             }
             Ok(())
         }
+        Action::Snapshot => {
+            let id = engine::ioctl::create_snapshot(fs, engine::format::FS_TREE_OBJECTID)
+                .await
+                .map_err(|e| format!("snapshot: {e}"))?;
+            let mut state = state.borrow_mut();
+            state.snapshots.push(id);
+            state.snapshots_taken += 1;
+            Ok(())
+        }
+        Action::DeleteSnapshot => {
+            let Some(id) = ({
+                let mut state = state.borrow_mut();
+                (!state.snapshots.is_empty()).then(|| state.snapshots.remove(0))
+            }) else {
+                return Ok(());
+            };
+            engine::ioctl::delete_snapshot(fs, id).await.map_err(|e| format!("delete snapshot {id}: {e}"))?;
+            state.borrow_mut().snapshots_deleted += 1;
+            Ok(())
+        }
         Action::Sync => {
             // Files no operation is changing now are on disk once the sync returns.
             let before: Vec<(String, FileModel)> = state
@@ -423,7 +500,12 @@ async fn work(
                 vec![path.clone()]
             }
             Action::Rename { from, to } => vec![from.clone(), to.clone()],
-            Action::Create(_) | Action::Read { .. } | Action::Fsync(_) | Action::Sync => Vec::new(),
+            Action::Create(_)
+            | Action::Read { .. }
+            | Action::Fsync(_)
+            | Action::Sync
+            | Action::Snapshot
+            | Action::DeleteSnapshot => Vec::new(),
         };
         let paths: Vec<&str> = changes.iter().map(String::as_str).collect();
         start_change(&state, seq, &paths);
@@ -545,6 +627,11 @@ impl ScenarioRun for FsstressRun {
         let mut stats = if state.stats.is_null() { serde_json::json!({}) } else { state.stats.clone() };
         stats["syncs"] = state.syncs.into();
         stats["fsyncs"] = state.fsyncs.into();
+        if self.params.snapshot_percent > 0 {
+            stats["snapshots"] = serde_json::json!({
+                "taken": state.snapshots_taken, "deleted": state.snapshots_deleted,
+            });
+        }
         stats["writes"] = state.writes.into();
         stats["reads"] = state.reads.into();
         stats["durable_files"] = (state.durable.len() as u64).into();

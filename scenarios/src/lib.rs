@@ -75,6 +75,7 @@ pub fn all() -> Vec<Box<dyn Scenario>> {
         Box::new(fs_crash::FsCrash),
         Box::new(fs_workload::FsWorkload),
         Box::new(fsstress::Fsstress),
+        Box::new(fsstress::FsstressSnapshots),
     ]
 }
 

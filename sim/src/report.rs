@@ -151,6 +151,15 @@ pub fn summary(result: &RunResult) -> String {
             handles["overdrawn_handles"],
         );
     }
+    if let Some(refs) = result.stats.get("extent_refs").filter(|r| r["shared_cows"].as_u64().unwrap_or(0) > 0)
+    {
+        let per_cow = &refs["refs_per_shared_cow"];
+        let _ = writeln!(
+            out,
+            "shared  {} COWs of shared blocks  delayed refs/COW p50 {} p99 {} max {}",
+            refs["shared_cows"], per_cow["p50"], per_cow["p99"], per_cow["max"],
+        );
+    }
     if let Some(scenario) = result.stats.get("scenario") {
         let _ = writeln!(out, "stats   {scenario}");
     }

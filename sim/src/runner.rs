@@ -156,7 +156,7 @@ pub fn run(spec: &RunSpec, scenario: &dyn Scenario) -> Result<RunResult, String>
     let mut stats = world.stats();
     let mut scenario_stats = report.stats;
     // Sections the engine defines sit beside the world's: stats.trees.<name>.
-    for section in ["trees", "searches", "handles", "space", "extent_buffers", "transaction"] {
+    for section in ["trees", "searches", "handles", "space", "extent_buffers", "extent_refs", "transaction"] {
         if let Some(value) = scenario_stats.as_object_mut().and_then(|s| s.remove(section)) {
             stats[section] = value;
         }

@@ -9,22 +9,21 @@
 
 use engine::fix::FixPolicy;
 use sim::pool::{Caught, for_each_parallel, run_caught};
-use sim::runner::RunSpec;
+use sim::runner::{RunResult, RunSpec};
 
 const SEEDS: u64 = 500;
 
-#[test]
-fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
+/// Run `scenario` over `seeds` on both cores; `passed` sees each result
+/// without a violation. Returns the failures, one line each.
+fn run_seeds(scenario: &str, seeds: std::ops::Range<u64>, mut passed: impl FnMut(&RunResult)) -> Vec<String> {
     let mut failures = Vec::new();
-    let (mut crashed_mid_workload, mut durable_checked, mut ordered_extents, mut power_losses) = (0, 0, 0, 0);
-    let (mut log_syncs, mut replayed_seeds) = (0, 0);
     for_each_parallel(
         2,
-        0..SEEDS,
-        "fsstress",
+        seeds,
+        scenario,
         |&seed| match run_caught(
-            &*scenarios::by_name("fsstress").unwrap(),
-            &RunSpec::new("fsstress", seed, FixPolicy::None),
+            &*scenarios::by_name(scenario).unwrap(),
+            &RunSpec::new(scenario, seed, FixPolicy::None),
         ) {
             Ok(Caught::Finished(result)) => Ok(result),
             Ok(Caught::Panicked(message)) => Err(format!("seed {seed} panicked: {message}")),
@@ -32,15 +31,7 @@ fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
         },
         |_, seed, result| {
             match result {
-                Ok(result) if result.violations.is_empty() => {
-                    let stats = &result.stats["scenario"];
-                    crashed_mid_workload += u64::from(stats["crashed_mid_workload"] == true);
-                    durable_checked += stats["durable_files_checked"].as_u64().unwrap_or(0);
-                    ordered_extents += stats["data"]["ordered_extents"].as_u64().unwrap_or(0);
-                    power_losses += u64::from(result.power_loss);
-                    log_syncs += stats["log"]["log_syncs"].as_u64().unwrap_or(0);
-                    replayed_seeds += u64::from(stats["inodes_replayed"].as_u64().unwrap_or(0) > 0);
-                }
+                Ok(result) if result.violations.is_empty() => passed(&result),
                 Ok(result) => failures.push(format!(
                     "seed {seed}: {} — {}",
                     result.violations[0].kind, result.violations[0].message
@@ -51,6 +42,23 @@ fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
         },
     )
     .unwrap();
+    failures
+}
+
+#[test]
+fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
+    let (mut crashed_mid_workload, mut durable_checked, mut ordered_extents, mut power_losses) = (0, 0, 0, 0);
+    let (mut log_syncs, mut replayed_seeds, mut snapshots) = (0, 0, 0);
+    let failures = run_seeds("fsstress", 0..SEEDS, |result| {
+        let stats = &result.stats["scenario"];
+        crashed_mid_workload += u64::from(stats["crashed_mid_workload"] == true);
+        durable_checked += stats["durable_files_checked"].as_u64().unwrap_or(0);
+        ordered_extents += stats["data"]["ordered_extents"].as_u64().unwrap_or(0);
+        power_losses += u64::from(result.power_loss);
+        log_syncs += stats["log"]["log_syncs"].as_u64().unwrap_or(0);
+        replayed_seeds += u64::from(stats["inodes_replayed"].as_u64().unwrap_or(0) > 0);
+        snapshots += stats["snapshots"]["taken"].as_u64().unwrap_or(0);
+    });
     assert!(failures.is_empty(), "{} of {SEEDS} seeds failed:\n{}", failures.len(), failures.join("\n"));
     assert_eq!(power_losses, SEEDS, "every seed cuts power");
     assert!(
@@ -61,4 +69,35 @@ fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
     assert!(ordered_extents >= 5 * SEEDS, "only {ordered_extents} ordered extents");
     assert!(log_syncs >= SEEDS, "only {log_syncs} fsyncs synced the log");
     assert!(replayed_seeds >= SEEDS / 5, "mount replayed a log in only {replayed_seeds} seeds");
+    assert!(snapshots >= SEEDS / 5, "only {snapshots} snapshots taken");
+}
+
+/// `fsstress-snapshots` over 300 seeds: the same oracles hold (check()
+/// recomputes every shared block's and data extent's references from the
+/// trees, snapshots included, after the power cut), and the runs really
+/// COW shared blocks and delete snapshots.
+#[test]
+fn fsstress_with_snapshots_keeps_shared_references_exact_over_300_seeds() {
+    const SNAPSHOT_SEEDS: u64 = 300;
+    let (mut shared_cows, mut max_refs, mut taken, mut deleted) = (0, 0, 0, 0);
+    let failures = run_seeds("fsstress-snapshots", 0..SNAPSHOT_SEEDS, |result| {
+        let refs = &result.stats["extent_refs"];
+        shared_cows += refs["shared_cows"].as_u64().unwrap_or(0);
+        max_refs = max_refs.max(refs["refs_per_shared_cow"]["max"].as_u64().unwrap_or(0));
+        let snapshots = &result.stats["scenario"]["snapshots"];
+        taken += snapshots["taken"].as_u64().unwrap_or(0);
+        deleted += snapshots["deleted"].as_u64().unwrap_or(0);
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {SNAPSHOT_SEEDS} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        taken >= SNAPSHOT_SEEDS && deleted >= SNAPSHOT_SEEDS / 2,
+        "snapshots taken {taken}, deleted {deleted}"
+    );
+    assert!(shared_cows >= SNAPSHOT_SEEDS, "only {shared_cows} COWs of shared blocks");
+    assert!(max_refs >= 10, "no COW of a shared block queued more than {max_refs} delayed refs");
 }
