@@ -68,9 +68,7 @@ use crate::extent_io::{
     find_extent_buffer, free_extent_buffer_stale, read_tree_block, read_tree_block_verified,
     verify_parent_pointer,
 };
-use crate::extent_tree::{
-    alloc_tree_block, block_can_be_shared, free_tree_block, free_tree_block_ref, update_ref_for_cow,
-};
+use crate::extent_tree::{alloc_tree_block, free_tree_block, free_tree_block_ref, update_ref_for_cow};
 use crate::format::{
     CHUNK_TREE_OBJECTID, CSUM_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, HEADER_FLAG_RELOC,
     HEADER_FLAG_WRITTEN, ITEM_SIZE, Key, MAX_LEVEL, MIXED_BACKREF_REV, ROOT_TREE_OBJECTID, RootItem,
@@ -174,7 +172,8 @@ pub struct SearchStats {
     /// Restarts during whose window (path released, before the next
     /// descent) reclaim evicted a tree block: the loop's first ingredient.
     pub reclaim_in_restart_window: Cell<u64>,
-    /// Delayed refs one COW of a shared block queued (the copy's
+    /// Delayed refs one COW of a shared block (more than one reference)
+    /// queued (the copy's
     /// allocation, its children's or data extents' references, the
     /// FULL_BACKREF flag, the drop of the old block) -> number of such COWs.
     pub refs_per_shared_cow: RefCell<std::collections::BTreeMap<u32, u64>>,
@@ -532,16 +531,15 @@ pub async fn force_cow_block(
     let refs_queued_before = handle.transaction.delayed_refs.queued.get();
     let cow = alloc_tree_block(handle, root, level).await?;
     copy_block_header(handle, buf, &cow, root.objectid);
-    let shared = block_can_be_shared(root, buf);
-    let last_ref = match update_ref_for_cow(handle, root, buf, &cow).await {
-        Ok(last_ref) => last_ref,
+    let refs = match update_ref_for_cow(handle, root, buf, &cow).await {
+        Ok(refs) => refs,
         Err(error) => {
             tree_unlock(&cow);
             abort_transaction(handle, &error, "update_ref_for_cow");
             return Err(error);
         }
     };
-    let our_ref = TreeRef::Root(root.objectid);
+    let (our_ref, last_ref) = (TreeRef::Root(root.objectid), refs == 1);
     if Rc::ptr_eq(buf, &root.node()) {
         root.set_node(cow.clone());
         free_tree_block_ref(handle, root, buf, our_ref, last_ref);
@@ -564,7 +562,7 @@ pub async fn force_cow_block(
         mark_buffer_dirty(handle, parent);
         free_tree_block_ref(handle, root, buf, our_ref, last_ref);
     }
-    if shared {
+    if refs > 1 {
         let queued = handle.transaction.delayed_refs.queued.get() - refs_queued_before;
         let queued = u32::try_from(queued).unwrap_or(u32::MAX);
         *fs.search_stats.refs_per_shared_cow.borrow_mut().entry(queued).or_insert(0) += 1;

@@ -89,9 +89,8 @@ pub struct DelayedRefRoot {
     pub processed: WaitQueue,
     /// Reference changes queued over the transaction's life.
     pub queued: Cell<u64>,
-    /// Heads run (items inserted or deleted) over the transaction's life.
-    pub run: Cell<u64>,
-    /// Heads whose run ended (lookups that searched meanwhile look again).
+    /// Heads whose run ended, over the transaction's life (a lookup that
+    /// searched meanwhile looks again).
     pub done: Cell<u64>,
 }
 
@@ -156,11 +155,11 @@ impl DelayedRefRoot {
     }
 
     /// The queued net change of `bytenr`'s references and flags, for
-    /// btrfs_lookup_extent_info: (ref_mod, flags, must_insert_reserved).
-    pub fn pending_tree(&self, bytenr: u64) -> Option<(i64, u64, bool)> {
+    /// btrfs_lookup_extent_info: (ref_mod, flags).
+    pub fn pending_tree(&self, bytenr: u64) -> Option<(i64, u64)> {
         let heads = self.heads.borrow();
         let head = heads.get(&bytenr)?;
-        Some((head.ref_mod(), head.set_flags, head.must_insert_reserved))
+        Some((head.ref_mod(), head.set_flags))
     }
 
     /// Whether a task is running the head of `bytenr`.
@@ -369,7 +368,7 @@ mod tests {
         refs.add_tree_ref_mod(16384, 0, TreeRef::Shared { parent: 32768 }, 1, false, false);
         refs.add_tree_ref_mod(16384, 0, TreeRef::Root(5), -1, false, false);
         refs.set_tree_flags(16384, 0, 1 << 8);
-        assert_eq!(refs.pending_tree(16384), Some((0, 1 << 8, false)));
+        assert_eq!(refs.pending_tree(16384), Some((0, 1 << 8)));
         let head = run(&refs).unwrap();
         assert_eq!(head.refs.len(), 2);
         assert!(!head.space_freed);

@@ -195,18 +195,27 @@ pub fn free_tree_block_ref(
         handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
     }
     let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
-    fs.block_groups.free_extent(eb.start, nodesize, pin);
-    let space_info = fs.space.get().map(|space| space.for_flags(tree_block_group_flags(root.objectid)));
-    if let Some(space_info) = space_info {
-        space_info.update_block_group(nodesize, false);
+    release_tree_block(handle, eb.start, tree_block_group_flags(root.objectid), pin);
+    if !pin {
+        free_extent_buffer_stale(fs, eb);
     }
-    if pin {
-        handle.transaction.pinned.borrow_mut().insert(eb.start, nodesize);
-    } else {
-        if let Some(space_info) = space_info {
+}
+
+/// Give a freed tree block's space back: pinned until the transaction
+/// commits if it may have been written (a crash must still find it), else
+/// free at once.
+pub(crate) fn release_tree_block(handle: &TransHandle, bytenr: u64, group_flags: u64, pin: bool) {
+    let fs = &handle.fs;
+    let nodesize = u64::from(fs.nodesize);
+    fs.block_groups.free_extent(bytenr, nodesize, pin);
+    if let Some(space_info) = fs.space.get().map(|space| space.for_flags(group_flags)) {
+        space_info.update_block_group(nodesize, false);
+        if !pin {
             space_info.unpin_extent(nodesize, false);
         }
-        free_extent_buffer_stale(fs, eb);
+    }
+    if pin {
+        handle.transaction.pinned.borrow_mut().insert(bytenr, nodesize);
     }
 }
 
@@ -250,7 +259,7 @@ pub async fn lookup_extent_info(handle: &TransHandle, bytenr: u64, level: u8) ->
         if refs.done.get() != done || refs.is_processing_head(bytenr) {
             continue;
         }
-        if let Some((ref_mod, set_flags, _)) = refs.pending_tree(bytenr) {
+        if let Some((ref_mod, set_flags)) = refs.pending_tree(bytenr) {
             count += ref_mod;
             flags |= set_flags;
         }
@@ -265,13 +274,11 @@ pub async fn lookup_extent_info(handle: &TransHandle, bytenr: u64, level: u8) ->
 /// for everything `eb` points at: its children, or the data extents of its
 /// file extent items. `full_backref`: by `eb` as parent (SHARED_BLOCK_REF,
 /// SHARED_DATA_REF), else by `root` (TREE_BLOCK_REF, EXTENT_DATA_REF).
-/// Returns how many references it queued.
-pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backref: bool, inc: bool) -> u64 {
+pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backref: bool, inc: bool) {
     let refs = &handle.transaction.delayed_refs;
     let delta = if inc { 1 } else { -1 };
     let data = eb.data.borrow();
     let level = header_level(&data);
-    let mut queued = 0;
     for slot in 0..header_nritems(&data) as usize {
         if level > 0 {
             let key = if full_backref {
@@ -280,7 +287,6 @@ pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backre
                 TreeRef::Root(root.objectid)
             };
             refs.add_tree_ref_mod(node_blockptr(&data, slot), level - 1, key, delta, false, false);
-            queued += 1;
             continue;
         }
         let key = item_key(&data, slot);
@@ -307,9 +313,7 @@ pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backre
             })
         };
         refs.add_data_ref(disk_bytenr, disk_num_bytes, data_ref, delta, false);
-        queued += 1;
     }
-    queued
 }
 
 /// Whether `buf` of `root` may be referenced by other trees too (kernel:
@@ -327,14 +331,14 @@ pub fn block_can_be_shared(root: &Root, buf: &Rc<ExtentBuffer>) -> bool {
 /// `buf` as parent and `buf` becomes FULL_BACKREF (this root keeps its
 /// references, now for `cow`). Shared otherwise: `cow`'s children get a
 /// reference by this root. Unshared but FULL_BACKREF: the children's
-/// parent references move to this root. Returns whether this root's
-/// reference was the last (the caller frees the block then).
+/// parent references move to this root. Returns `buf`'s reference count:
+/// 1 means this root's reference is the last (the caller frees the block).
 pub async fn update_ref_for_cow(
     handle: &TransHandle,
     root: &Root,
     buf: &Rc<ExtentBuffer>,
     cow: &ExtentBuffer,
-) -> Result<bool, Error> {
+) -> Result<u64, Error> {
     let (refs, flags) = if block_can_be_shared(root, buf) {
         let (refs, flags) = lookup_extent_info(handle, buf.start, buf.level()).await?;
         if refs == 0 {
@@ -356,13 +360,13 @@ pub async fn update_ref_for_cow(
         } else {
             mod_ref(handle, root, cow, false, true);
         }
-        return Ok(false);
+        return Ok(refs);
     }
     if full {
         mod_ref(handle, root, cow, false, true);
         mod_ref(handle, root, buf, true, false);
     }
-    Ok(true)
+    Ok(1)
 }
 
 /// `btrfs_pin_extent_for_log_replay`: a block of the log being replayed
@@ -522,7 +526,6 @@ pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
             check_fs_error(fs)?;
             continue;
         };
-        refs.run.set(refs.run.get() + 1);
         let bytenr = head.bytenr();
         let result = run_head(handle, head).await;
         refs.head_done(bytenr);
@@ -561,8 +564,7 @@ async fn run_tree_head(handle: &TransHandle, head: &RefHead) -> Result<(), Error
         if head.refs.values().any(|&count| count < 0) {
             return bad(format!("a new block drops a reference it does not have: {:?}", head.refs));
         }
-        let refs: BTreeMap<TreeRef, i64> = head.refs.clone();
-        let item = tree_block_item(handle.transid, EXTENT_FLAG_TREE_BLOCK | head.set_flags, &refs);
+        let item = tree_block_item(handle.transid, EXTENT_FLAG_TREE_BLOCK | head.set_flags, &head.refs);
         return insert_item(handle, &extent_root, &key, &item.to_bytes()).await;
     }
     if head.refs.is_empty() && head.set_flags == 0 {
@@ -604,12 +606,7 @@ async fn run_tree_head(handle: &TransHandle, head: &RefHead) -> Result<(), Error
         drop(path);
         if !head.space_freed {
             // Its last reference went with a drop that did not know it was the last.
-            let nodesize = u64::from(fs.nodesize);
-            fs.block_groups.free_extent(head.bytenr, nodesize, true);
-            if let Some(space) = fs.space.get() {
-                space.for_flags(BLOCK_GROUP_METADATA).update_block_group(nodesize, false);
-            }
-            handle.transaction.pinned.borrow_mut().insert(head.bytenr, nodesize);
+            release_tree_block(handle, head.bytenr, BLOCK_GROUP_METADATA, true);
         }
         return Ok(());
     }

@@ -177,7 +177,8 @@ mod tests {
         let cows: u64 = shared.values().sum();
         let max = *shared.keys().next_back().unwrap();
         assert!(cows >= 10, "shared COWs {shared:?}");
-        // A leaf holds tens of items with data extents; a node, hundreds of pointers... of a small tree.
+        // A shared leaf's COW queues one reference per data extent it holds
+        // (tens here); a shared node's, one per child.
         assert!(max > 10, "a shared leaf's COW queues a reference per data extent: {shared:?}");
         assert_eq!(items(&env, &fs, id), before, "the snapshot does not change with its source");
         check_clean(&env);
