@@ -46,8 +46,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::{Rc, Weak};
 
 use crate::block_rsv::{
-    BlockRsv, BlockRsvType, TransRsvAccount, block_rsv_add_bytes, calc_insert_metadata_size,
-    calc_metadata_size,
+    BlockRsvType, TransRsvAccount, block_rsv_add_bytes, calc_insert_metadata_size, calc_metadata_size,
 };
 use crate::ctree::{
     Path, Root, del_items, insert_item, next_leaf, search_slot, set_item_key_safe, truncate_item,
@@ -62,7 +61,7 @@ use crate::format::{
     max_inline_data_size,
 };
 use crate::fs::FsInfo;
-use crate::inode::{dirty_inode, iget, lock_inode, update_inode};
+use crate::inode::{dirty_inode, fs_root, iget, lock_inode, update_inode};
 use crate::space_info::{FlushKind, reserve_metadata_bytes};
 use crate::transaction::{
     TransHandle, abort_transaction, end_transaction, join_transaction, start_transaction, sync,
@@ -201,10 +200,6 @@ impl PageCache {
     }
 }
 
-fn fs_root(fs: &FsInfo) -> Rc<Root> {
-    fs.root(FS_TREE_OBJECTID)
-}
-
 fn page_start(idx: u64) -> u64 {
     idx * PAGE_SIZE
 }
@@ -258,11 +253,7 @@ fn trim_delalloc_reservation(fs: &FsInfo, ino: u64) {
         inode.meta_reserved -= excess;
         excess
     });
-    if excess > 0
-        && let Some(space) = fs.space.get()
-    {
-        space.metadata.free_bytes_may_use(excess);
-    }
+    release_meta(fs, excess);
 }
 
 async fn reserve_delalloc_metadata(fs: &FsInfo, ino: u64, bytes: u64) -> Result<(), Error> {
@@ -332,8 +323,8 @@ impl FoundExtent {
         }
     }
 
-    fn ref_key(&self, ino: u64) -> Option<(u64, u64, DataRefKey)> {
-        data_ref_of(FS_TREE_OBJECTID, ino, &self.key, &self.item)
+    fn ref_key(&self, root: u64, ino: u64) -> Option<(u64, u64, DataRefKey)> {
+        data_ref_of(root, ino, &self.key, &self.item)
     }
 
     /// Bytes this item adds to the inode's `nbytes`.
@@ -461,7 +452,7 @@ pub async fn drop_extents(
             let Some(mut path) = relock_extent(handle, root, &extent, -1).await? else { continue };
             let slot = path.slots[0];
             del_items(handle, root, &mut path, slot, 1).await?;
-            if let Some((bytenr, len, key)) = extent.ref_key(ino) {
+            if let Some((bytenr, len, key)) = extent.ref_key(root.objectid, ino) {
                 refs.add_data_ref(bytenr, len, key, -1, false);
             }
             adjust_nbytes(fs, ino, -(extent.nbytes() as i64));
@@ -471,7 +462,7 @@ pub async fn drop_extents(
             let tail = with_range(&extent.item, end - e_start, e_end - end);
             match insert_item(handle, root, &Key::new(ino, EXTENT_DATA_KEY, end), &tail.to_bytes()).await {
                 Ok(()) => {
-                    if let Some((bytenr, len, key)) = extent.ref_key(ino) {
+                    if let Some((bytenr, len, key)) = extent.ref_key(root.objectid, ino) {
                         refs.add_data_ref(bytenr, len, key, 1, false);
                     }
                     adjust_nbytes(fs, ino, (e_end - end) as i64);
@@ -637,22 +628,16 @@ async fn do_read(fs: &Rc<FsInfo>, ino: u64, offset: u64, len: u64) -> Result<Vec
     let mut pos = offset;
     while pos < end {
         let idx = pos / PAGE_SIZE;
-        loop {
-            read_page_into_cache(fs, ino, idx).await?;
-            let upto = end.min(page_start(idx + 1));
-            let copied = fs.page_cache.with(ino, |inode| {
-                let page = inode.pages.get(&idx)?;
-                let from = (pos - page_start(idx)) as usize;
-                let to = (upto - page_start(idx)) as usize;
-                out.extend_from_slice(&page.data[from..to]);
-                Some(())
-            });
-            if copied.is_some() {
-                pos = upto;
-                break;
-            }
-            // Reclaimed between the read and the copy: read it again.
-        }
+        read_page_into_cache(fs, ino, idx).await?;
+        // Nothing runs between the read's return and the copy: the page is there.
+        let upto = end.min(page_start(idx + 1));
+        fs.page_cache.with(ino, |inode| {
+            let page = inode.pages.get(&idx).expect("read_page_into_cache leaves the page cached");
+            let from = (pos - page_start(idx)) as usize;
+            let to = (upto - page_start(idx)) as usize;
+            out.extend_from_slice(&page.data[from..to]);
+        });
+        pos = upto;
     }
     Ok(out)
 }
@@ -1008,11 +993,7 @@ pub fn evict_pages(fs: &FsInfo, ino: u64) {
         fs.env.memory_release(inode.pages.len() as u64 * PAGE_SIZE);
     }
     free_data_reservation(fs, dirty * PAGE_SIZE);
-    if inode.meta_reserved > 0
-        && let Some(space) = fs.space.get()
-    {
-        space.metadata.free_bytes_may_use(inode.meta_reserved);
-    }
+    release_meta(fs, inode.meta_reserved);
     // A writer blocked on this inode keeps its guard; re-create the entry.
     if inode.writeback_blocked > 0 {
         fs.page_cache.with(ino, |entry| entry.writeback_blocked = inode.writeback_blocked);
@@ -1047,11 +1028,8 @@ fn charge_handle(fs: &FsInfo, handle: &TransHandle, share: u64) {
         return;
     }
     block_rsv_add_bytes(&space.rsvs.trans_block_rsv, share, true);
-    *handle.rsv.borrow_mut() = Some(TransRsvAccount {
-        bytes_reserved: share,
-        delayed_refs_bytes_reserved: 0,
-        delayed_rsv: BlockRsv::new(BlockRsvType::DelayedRefs, space.metadata.clone()),
-    });
+    *handle.rsv.borrow_mut() =
+        Some(TransRsvAccount { bytes_reserved: share, ..TransRsvAccount::none(&space.rsvs) });
     handle.block_rsv.set(Some(BlockRsvType::Trans));
 }
 
@@ -1086,6 +1064,10 @@ fn submit_run(fs: &Rc<FsInfo>, ino: u64, first: u64, npages: u64) -> u64 {
             return submitted;
         };
         let len = n * PAGE_SIZE;
+        // Each extent of a split run takes its part of the run's share (the
+        // kernel's extents all draw on the inode's one reserve).
+        let part = share * n / (end - idx);
+        share -= part;
         let cache = &fs.page_cache;
         let data: Vec<u8> = cache.with(ino, |inode| {
             let mut data = Vec::with_capacity(len as usize);
@@ -1110,7 +1092,7 @@ fn submit_run(fs: &Rc<FsInfo>, ino: u64, first: u64, npages: u64) -> u64 {
             len,
             disk_bytenr,
             sums,
-            meta_share: std::mem::take(&mut share),
+            meta_share: part,
             io_error: false,
         };
         let physical = fs.volumes.map_logical(disk_bytenr, len).expect("a data extent lies in a chunk");
@@ -1174,16 +1156,36 @@ async fn cow_file_range_inline(fs: &Rc<FsInfo>, ino: u64, size: u64) -> Result<(
         result
     }
     .await;
-    cache.stats.inline_extents.set(cache.stats.inline_extents.get() + 1);
-    cache.with(ino, |inode| {
-        inode.ordered.remove(&0);
-        if let Some(page) = inode.pages.get_mut(&0) {
-            cache.set_state(page, PageState::Clean);
-        }
-    });
+    if result.is_ok() {
+        cache.stats.inline_extents.set(cache.stats.inline_extents.get() + 1);
+    }
+    settle_written_pages(fs, ino, 0, 0, 1, result.is_ok());
     free_data_reservation(fs, PAGE_SIZE);
     cache.wait.wake_all();
     result
+}
+
+/// The write of `n` pages from `first` (the ordered range at `offset`)
+/// ended: written, they are clean; lost, they leave the cache (the disk's
+/// old bytes show through) and the next fsync or sync reports the error.
+fn settle_written_pages(fs: &FsInfo, ino: u64, offset: u64, first: u64, n: u64, ok: bool) {
+    let cache = &fs.page_cache;
+    cache.with(ino, |inode| {
+        inode.ordered.remove(&offset);
+        for idx in first..first + n {
+            if ok {
+                if let Some(page) = inode.pages.get_mut(&idx) {
+                    cache.set_state(page, PageState::Clean);
+                }
+            } else if let Some(page) = inode.pages.remove(&idx) {
+                cache.count(page.state, -1);
+                fs.env.memory_release(PAGE_SIZE);
+            }
+        }
+        if !ok {
+            inode.mapping_error = true;
+        }
+    });
 }
 
 /// `btrfs_finish_one_ordered`, run by the endio worker.
@@ -1214,24 +1216,7 @@ async fn finish_ordered_io(fs: &Rc<FsInfo>, oe: OrderedExtent) {
             }
         }
     };
-    cache.with(oe.ino, |inode| {
-        inode.ordered.remove(&oe.file_offset);
-        let (first, n) = (oe.file_offset / PAGE_SIZE, oe.len / PAGE_SIZE);
-        for idx in first..first + n {
-            if ok {
-                if let Some(page) = inode.pages.get_mut(&idx) {
-                    cache.set_state(page, PageState::Clean);
-                }
-            } else if let Some(page) = inode.pages.remove(&idx) {
-                // The write was lost: the disk's old bytes show through.
-                cache.count(page.state, -1);
-                fs.env.memory_release(PAGE_SIZE);
-            }
-        }
-        if !ok {
-            inode.mapping_error = true;
-        }
-    });
+    settle_written_pages(fs, oe.ino, oe.file_offset, oe.file_offset / PAGE_SIZE, oe.len / PAGE_SIZE, ok);
     cache.in_flight.borrow_mut().remove(&oe.id);
     cache.wait.wake_all();
 }

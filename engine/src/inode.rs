@@ -112,11 +112,12 @@ pub fn rename_trans_items(same_dir: bool, replaces_target: bool) -> u64 {
     items
 }
 
-/// `fs_umode_to_ftype`.
+/// Whether an inode mode is a directory's (`S_ISDIR`).
 pub fn mode_is_dir(mode: u32) -> bool {
     mode & S_IFMT == S_IFDIR
 }
 
+/// `fs_umode_to_ftype`.
 pub fn mode_to_ftype(mode: u32) -> u8 {
     match mode & S_IFMT {
         S_IFREG => FT_REG_FILE,
@@ -153,7 +154,7 @@ pub struct BtrfsInode {
 
 impl BtrfsInode {
     pub fn is_dir(&self) -> bool {
-        self.item.mode & S_IFMT == S_IFDIR
+        mode_is_dir(self.item.mode)
     }
 
     pub fn ftype(&self) -> u8 {
@@ -271,7 +272,7 @@ fn now(fs: &FsInfo) -> Timespec {
     Timespec::from_ns(fs.env.now_ns())
 }
 
-fn fs_root(fs: &FsInfo) -> Rc<Root> {
+pub(crate) fn fs_root(fs: &FsInfo) -> Rc<Root> {
     fs.root(FS_TREE_OBJECTID)
 }
 
@@ -399,10 +400,18 @@ fn touch_dir(fs: &FsInfo, dir: u64, grow: bool, name_len: usize) {
 /// The ctime of an inode changed (`inode_inc_iversion` and
 /// `inode_set_ctime_current`).
 fn touch_ctime(fs: &FsInfo, ino: u64) {
+    touch(fs, ino, false);
+}
+
+/// A new ctime (and mtime, for a change of contents) and sequence.
+fn touch(fs: &FsInfo, ino: u64, mtime: bool) {
     let t = now(fs);
     fs.inodes.update(ino, |inode| {
         inode.item.sequence += 1;
         inode.item.ctime = t;
+        if mtime {
+            inode.item.mtime = t;
+        }
     });
 }
 
@@ -1026,12 +1035,7 @@ async fn do_setattr(fs: &Rc<FsInfo>, ino: u64) -> Result<(), Error> {
 
 /// A file's data changed: mtime and ctime (`file_update_time`).
 pub(crate) fn touch_mtime(fs: &FsInfo, ino: u64) {
-    let t = now(fs);
-    fs.inodes.update(ino, |inode| {
-        inode.item.sequence += 1;
-        inode.item.mtime = t;
-        inode.item.ctime = t;
-    });
+    touch(fs, ino, true);
 }
 
 /// `btrfs_dirty_inode`: a delayed update of the in-memory inode in a joined

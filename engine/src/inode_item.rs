@@ -234,7 +234,7 @@ pub async fn truncate_inode_items(handle: &TransHandle, root: &Rc<Root>, ino: u6
         if first > last {
             return Ok(deleted);
         }
-        drop_data_refs(handle, &path, first, last, ino);
+        drop_data_refs(handle, &path, first, last, ino)?;
         let nr = last + 1 - first;
         del_items(handle, root, &mut path, first, nr).await?;
         deleted += nr as u64;
@@ -245,22 +245,29 @@ pub async fn truncate_inode_items(handle: &TransHandle, root: &Rc<Root>, ino: u6
 }
 
 /// The file extent items in slots `first..=last` are about to go: queue
-/// the drop of the data reference each regular extent holds.
-fn drop_data_refs(handle: &TransHandle, path: &Path, first: usize, last: usize, ino: u64) {
+/// the drop of the data reference each regular extent holds. An item that
+/// does not parse is corruption, not an extent without a reference.
+fn drop_data_refs(
+    handle: &TransHandle,
+    path: &Path,
+    first: usize,
+    last: usize,
+    ino: u64,
+) -> Result<(), Error> {
     let image = path.leaf().data.borrow();
     for slot in first..=last {
         let key = item_key(&image, slot);
         if key.item_type != crate::format::EXTENT_DATA_KEY {
             continue;
         }
-        let Ok(item) = crate::format::FileExtentItem::read(crate::accessors::item_data(&image, slot)) else {
-            continue;
-        };
+        let item = crate::format::FileExtentItem::read(crate::accessors::item_data(&image, slot))
+            .map_err(|e| Error::BadTreeBlock(format!("file extent {key} of inode {ino}: {e:?}")))?;
         if let Some((bytenr, len, ref_key)) = crate::file::data_ref_of(handle.root_objectid, ino, &key, &item)
         {
             handle.transaction.delayed_refs.add_data_ref(bytenr, len, ref_key, -1, false);
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -296,11 +296,21 @@ async fn log_trees(handle: &TransHandle) -> Result<(Rc<Root>, Rc<Root>), Error> 
         assert_eq!(fs.log.transid.get(), handle.transid, "a log tree outlived its transaction");
         return Ok(trees.clone());
     }
-    let mut trees = Vec::new();
+    let mut trees: Vec<Rc<Root>> = Vec::new();
     for _ in 0..2 {
         let placeholder = crate::extent_io::alloc_dummy_extent_buffer(fs, 0);
         let root = Root::new(fs, TREE_LOG_OBJECTID, placeholder, RootItem::default());
-        let leaf = crate::extent_tree::alloc_tree_block(handle, &root, 0).await?;
+        let leaf = match crate::extent_tree::alloc_tree_block(handle, &root, 0).await {
+            Ok(leaf) => leaf,
+            Err(error) => {
+                // No half-built log: the tree already made gives its block back
+                // (never written, so free at once).
+                for tree in &trees {
+                    crate::extent_tree::free_tree_block(handle, tree, &tree.node());
+                }
+                return Err(error);
+            }
+        };
         root.set_node(leaf.clone());
         crate::locking::tree_unlock(&leaf);
         trees.push(root);
@@ -457,16 +467,11 @@ pub(crate) fn free_log_trees(handle: &TransHandle) {
         return;
     }
     assert_eq!(log.transid.get(), handle.transid, "a log tree outlived its transaction");
-    let nodesize = u64::from(fs.nodesize);
     for bytenr in std::mem::take(&mut *log.blocks.borrow_mut()) {
         if let Some(eb) = fs.buffer_tree.get(bytenr) {
             clear_extent_buffer_dirty(&eb);
         }
-        fs.block_groups.free_extent(bytenr, nodesize, true);
-        if let Some(space) = fs.space.get() {
-            space.for_flags(BLOCK_GROUP_METADATA).update_block_group(nodesize, false);
-        }
-        handle.transaction.pinned.borrow_mut().insert(bytenr, nodesize);
+        crate::extent_tree::release_tree_block(handle, bytenr, BLOCK_GROUP_METADATA, true);
     }
     log.dirty.borrow_mut().clear();
     log.csum_keys.borrow_mut().clear();
@@ -605,7 +610,7 @@ async fn replay_inode(
     let Some(mut item) = logged.item else {
         return Err(Error::BadTreeBlock(format!("inode {ino} logged without its inode item")));
     };
-    if crate::inode::iget(fs, ino).await.is_err() {
+    if let Err(Error::Enoent) = crate::inode::iget(fs, ino).await {
         let mut fresh = item;
         fresh.nlink = 0;
         fresh.nbytes = 0;
@@ -697,7 +702,7 @@ mod tests {
     #[test]
     fn fsynced_files_survive_a_crash_through_the_log_without_a_commit() {
         let (env, fs) = mount();
-        let (old, _) = run(&env, &fs, |fs| async move {
+        run(&env, &fs, |fs| async move {
             let old = create(&fs, ROOT_DIR_INO, "old").await?;
             write(&fs, old, 0, &vec![1u8; 20_000]).await?;
             sync_fs(&fs).await?;
@@ -710,7 +715,7 @@ mod tests {
             // Logged twice in one transaction: the second log replaces the first.
             punch_hole(&fs, new, 8192, 8192).await?;
             fsync(&fs, new).await?;
-            Ok::<_, Error>((old, new))
+            Ok::<_, Error>(())
         })
         .unwrap();
         let generation = fs.trans.last_trans_committed.get();
@@ -733,7 +738,6 @@ mod tests {
         let third = crash_and_mount(&env);
         assert_eq!(third.log.stats.borrow().inodes_replayed, 0);
         assert_eq!(contents(&env, &third, "new").unwrap(), expect_new);
-        let _ = old;
     }
 
     #[test]
@@ -812,8 +816,9 @@ mod tests {
         #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
         /// After a crash, each file holds exactly what it held at its last
-        /// fsync or sync if nothing changed it since, the image checks
-        /// clean, and the log was really used.
+        /// fsync or sync if nothing changed it since, and the image checks
+        /// clean. (That the log is really used is the fixed tests' and
+        /// fsstress's to show: a case whose fsyncs all commit passes here.)
         #[test]
         fn after_a_crash_every_file_holds_its_last_fsynced_contents(ops in proptest::collection::vec(op(), 1..20)) {
             let (env, fs) = mount();
