@@ -62,11 +62,9 @@ impl Scenario for FsCrash {
             sync_percent: rng.random_range(1..=15),
             names: rng.random_range(4..=40),
             power_loss_after_ns: rng.random_range(100_000..40_000_000),
-            world: {
-                let high_bytes = [256u64 << 10, 1 << 20, 4 << 20, 64 << 20][rng.random_range(0..4)];
-                serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
-                    "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } } })
-            },
+            world: crate::fs_ops::memory_world(
+                [256u64 << 10, 1 << 20, 4 << 20, 64 << 20][rng.random_range(0..4)],
+            ),
         };
         serde_json::to_value(params).expect("params serialize")
     }

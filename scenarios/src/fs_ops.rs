@@ -13,6 +13,13 @@ use engine::fs::FsInfo;
 
 use crate::workload::Op;
 
+/// The `world` of a scenario run under a memory budget of `high_bytes`,
+/// kswapd waking at 90% of it and stopping at 70%, every millisecond.
+pub fn memory_world(high_bytes: u64) -> serde_json::Value {
+    serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
+        "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } } })
+}
+
 /// mkfs then mount.
 pub async fn mkfs_and_mount(
     env: &Rc<dyn Env>,

@@ -32,7 +32,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::fs_ops::{
-    check_after_power_loss, engine_stats, mkfs_and_mount_or_report, report_check, tree_stats,
+    check_after_power_loss, engine_stats, memory_world, mkfs_and_mount_or_report, report_check, tree_stats,
 };
 use crate::streams::stream;
 use crate::{Scenario, ScenarioReport, ScenarioRun, StartContext};
@@ -69,25 +69,7 @@ impl Scenario for Fsstress {
     }
 
     fn configure(&self, seed: u64) -> serde_json::Value {
-        let mut rng = stream(seed, "scenario");
-        let params = Params {
-            tasks: rng.random_range(2..=4),
-            ops_per_task: rng.random_range(20..=80),
-            names: rng.random_range(2..=6),
-            max_file_bytes: [8u64 << 10, 64 << 10, 256 << 10][rng.random_range(0..3)],
-            sync_percent: rng.random_range(2..=10),
-            nodesize: [4096, 16384, 16384][rng.random_range(0..3)],
-            device_bytes: 1 << 30,
-            power_loss_after_ns: rng.random_range(500_000..40_000_000),
-            world: {
-                let high_bytes = [512u64 << 10, 2 << 20, 8 << 20][rng.random_range(0..3)];
-                serde_json::json!({ "memory": { "high_bytes": high_bytes, "kswapd": {
-                    "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } } })
-            },
-            // Drawn last: the parameters above stay what they were for each seed.
-            snapshot_percent: rng.random_range(0..=4),
-        };
-        serde_json::to_value(params).expect("params serialize")
+        serde_json::to_value(draw_params(seed).0).expect("params serialize")
     }
 
     fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
@@ -96,14 +78,40 @@ impl Scenario for Fsstress {
         let state = Rc::new(RefCell::new(State::default()));
         let setup = setup(context.env.clone(), context.fix, params.clone(), context.seed, state.clone());
         context.env.spawn("fsstress-setup", TaskKind::Workload, Box::pin(setup));
-        Ok(Box::new(FsstressRun { params, state }))
+        Ok(Box::new(FsstressRun { params, fix: context.fix, state }))
     }
 }
 
+/// The parameters of seed `seed`, and the memory budget in their world.
+fn draw_params(seed: u64) -> (Params, u64) {
+    let mut rng = stream(seed, "scenario");
+    let high_bytes: u64;
+    let params = Params {
+        tasks: rng.random_range(2..=4),
+        ops_per_task: rng.random_range(20..=80),
+        names: rng.random_range(2..=6),
+        max_file_bytes: [8u64 << 10, 64 << 10, 256 << 10][rng.random_range(0..3)],
+        sync_percent: rng.random_range(2..=10),
+        nodesize: [4096, 16384, 16384][rng.random_range(0..3)],
+        device_bytes: 1 << 30,
+        power_loss_after_ns: rng.random_range(500_000..40_000_000),
+        world: {
+            high_bytes = [512u64 << 10, 2 << 20, 8 << 20][rng.random_range(0..3)];
+            memory_world(high_bytes)
+        },
+        // Drawn last: the parameters above stay what they were for each seed.
+        snapshot_percent: rng.random_range(0..=4),
+    };
+    (params, high_bytes)
+}
+
 /// `fsstress` with a snapshot or a snapshot deletion in one operation of
-/// five: most COWs then copy blocks a snapshot shares, which is where the
+/// five: many COWs then copy blocks a snapshot shares, which is where the
 /// delayed refs per COW (children, data extents, FULL_BACKREF) pile up.
 pub struct FsstressSnapshots;
+
+/// How much later than `fsstress` the snapshot variant cuts power.
+const SNAPSHOT_POWER_LOSS_FACTOR: u64 = 15;
 
 impl Scenario for FsstressSnapshots {
     fn name(&self) -> &'static str {
@@ -115,25 +123,23 @@ impl Scenario for FsstressSnapshots {
     }
 
     fn configure(&self, seed: u64) -> serde_json::Value {
-        let mut params = Fsstress.configure(seed);
-        params["snapshot_percent"] = 20.into();
-        // Trees of several levels, so that snapshots share more than a root:
-        // many names, 4 KiB nodes, and the power cut late.
-        params["names"] = 40.into();
-        params["nodesize"] = 4096.into();
-        params["ops_per_task"] = 120.into();
-        params["power_loss_after_ns"] = (params["power_loss_after_ns"].as_u64().unwrap_or(0) * 15).into();
-        // Files of at most 64 KiB and a budget of at least 2 MiB: reading
-        // forty 256 KiB files back through a 512 KiB page cache after the
-        // crash takes longer than the progress timeout (seed 242).
-        params["max_file_bytes"] = params["max_file_bytes"].as_u64().unwrap_or(0).min(64 << 10).into();
-        let high = &mut params["world"]["memory"]["high_bytes"];
-        if high.as_u64().unwrap_or(0) < 2 << 20 {
-            let high_bytes: u64 = 2 << 20;
-            params["world"]["memory"] = serde_json::json!({ "high_bytes": high_bytes, "kswapd": {
-                "period_ns": 1_000_000, "wake_above_bytes": high_bytes / 10 * 9, "stop_below_bytes": high_bytes / 10 * 7 } });
-        }
-        params
+        let (base, high_bytes) = draw_params(seed);
+        let params = Params {
+            snapshot_percent: 20,
+            // Trees of more than one level, so that snapshots share more than
+            // a root: many names, 4 KiB nodes, and the power cut later.
+            names: 40,
+            nodesize: 4096,
+            ops_per_task: 120,
+            power_loss_after_ns: base.power_loss_after_ns * SNAPSHOT_POWER_LOSS_FACTOR,
+            // Files of at most 64 KiB and a budget of at least 2 MiB: reading
+            // forty 256 KiB files back through a 512 KiB page cache after the
+            // crash takes longer than the progress timeout (seed 242).
+            max_file_bytes: base.max_file_bytes.min(64 << 10),
+            world: memory_world(high_bytes.max(2 << 20)),
+            ..base
+        };
+        serde_json::to_value(params).expect("params serialize")
     }
 
     fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
@@ -527,13 +533,15 @@ async fn work(
 
 struct FsstressRun {
     params: Params,
+    /// Recovery mounts under the run's fix too (log replay commits).
+    fix: FixPolicy,
     state: Rc<RefCell<State>>,
 }
 
 /// Mount the recovered image, then check the durable files and read every file.
-async fn recover(env: Rc<dyn Env>, state: Rc<RefCell<State>>) {
+async fn recover(env: Rc<dyn Env>, fix: FixPolicy, state: Rc<RefCell<State>>) {
     let Some(report) = check_after_power_loss(&env).await else { return };
-    let fs = match engine::disk_io::open_ctree(env.clone(), FixPolicy::None).await {
+    let fs = match engine::disk_io::open_ctree(env.clone(), fix).await {
         Ok(fs) => fs,
         Err(error) => {
             env.report_violation(Violation {
@@ -619,7 +627,11 @@ impl ScenarioRun for FsstressRun {
     }
 
     fn after_power_loss(&mut self, env: Rc<dyn Env>) {
-        env.spawn("recovery", TaskKind::Workload, Box::pin(recover(env.clone(), self.state.clone())));
+        env.spawn(
+            "recovery",
+            TaskKind::Workload,
+            Box::pin(recover(env.clone(), self.fix, self.state.clone())),
+        );
     }
 
     fn finish(&mut self, _env: &dyn Env) -> ScenarioReport {

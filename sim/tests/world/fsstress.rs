@@ -75,12 +75,14 @@ fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
 /// `fsstress-snapshots` over 300 seeds: the same oracles hold (check()
 /// recomputes every shared block's and data extent's references from the
 /// trees, snapshots included, after the power cut), and the runs really
-/// COW shared blocks and delete snapshots.
+/// COW shared blocks and delete snapshots, and power lands mid-workload in
+/// many of them.
 #[test]
 fn fsstress_with_snapshots_keeps_shared_references_exact_over_300_seeds() {
     const SNAPSHOT_SEEDS: u64 = 300;
-    let (mut shared_cows, mut max_refs, mut taken, mut deleted) = (0, 0, 0, 0);
+    let (mut shared_cows, mut max_refs, mut taken, mut deleted, mut mid_workload) = (0, 0, 0, 0, 0);
     let failures = run_seeds("fsstress-snapshots", 0..SNAPSHOT_SEEDS, |result| {
+        mid_workload += u64::from(result.stats["scenario"]["crashed_mid_workload"] == true);
         let refs = &result.stats["extent_refs"];
         shared_cows += refs["shared_cows"].as_u64().unwrap_or(0);
         max_refs = max_refs.max(refs["refs_per_shared_cow"]["max"].as_u64().unwrap_or(0));
@@ -99,5 +101,9 @@ fn fsstress_with_snapshots_keeps_shared_references_exact_over_300_seeds() {
         "snapshots taken {taken}, deleted {deleted}"
     );
     assert!(shared_cows >= SNAPSHOT_SEEDS, "only {shared_cows} COWs of shared blocks");
+    assert!(
+        mid_workload >= SNAPSHOT_SEEDS / 3,
+        "power landed mid-workload in only {mid_workload} seeds: the snapshots' crash recovery goes untested"
+    );
     assert!(max_refs >= 10, "no COW of a shared block queued more than {max_refs} delayed refs");
 }
