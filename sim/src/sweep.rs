@@ -49,7 +49,13 @@ impl Shard {
     pub const WHOLE: Shard = Shard { index: 0, count: 1 };
 
     pub fn seeds(self, range: SeedRange) -> impl Iterator<Item = u64> {
-        range.iter().filter(move |seed| (seed - range.start) % self.count == self.index)
+        let step = usize::try_from(self.count).unwrap_or(usize::MAX);
+        (range.start.saturating_add(self.index).min(range.end)..range.end).step_by(step)
+    }
+
+    /// How many seeds of `range` are this shard's (without walking them).
+    pub fn len(self, range: SeedRange) -> u64 {
+        range.len().saturating_sub(self.index).div_ceil(self.count)
     }
 }
 
@@ -241,7 +247,7 @@ pub fn sweep(spec: &SweepSpec, progress: &mut dyn Progress) -> Result<SweepOutco
     let mut done = open_dir(dir, &manifest, spec.resume)?;
     let finished_before: BTreeSet<u64> = done.keys().copied().collect();
     let todo = spec.shard.seeds(spec.seeds).filter(|seed| !finished_before.contains(seed));
-    let todo_count = spec.shard.seeds(spec.seeds).count() as u64 - finished_before.len() as u64;
+    let todo_count = spec.shard.len(spec.seeds) - finished_before.len() as u64;
     let mut results = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -793,6 +799,14 @@ mod tests {
         let mut all: Vec<u64> = (0..4).flat_map(|k| Shard { index: k, count: 4 }.seeds(range)).collect();
         all.sort();
         assert_eq!(all, (10..23).collect::<Vec<_>>());
+        for count in 1..6 {
+            for index in 0..count {
+                let shard = Shard { index, count };
+                for range in [range, SeedRange { start: 7, end: 7 }, SeedRange { start: 0, end: 2 }] {
+                    assert_eq!(shard.len(range), shard.seeds(range).count() as u64, "{shard:?} of {range:?}");
+                }
+            }
+        }
         assert_eq!("2/5".parse::<Shard>(), Ok(Shard { index: 2, count: 5 }));
         for bad in ["5/5", "1", "a/2", "1/0", "-1/2"] {
             assert!(bad.parse::<Shard>().is_err(), "{bad} should be rejected");
