@@ -25,6 +25,9 @@ pub struct BlockGroup {
     /// Bytes freed in the running transaction that may not be reused before
     /// it commits (the kernel's pinned extents).
     pub pinned: Cell<u64>,
+    /// Read-only: the allocator skips it, as while it is relocated
+    /// (`cache->ro`). Its free bytes count as `bytes_readonly`.
+    pub ro: Cell<bool>,
     /// Free ranges: start -> length, disjoint and coalesced.
     free: RefCell<BTreeMap<u64, u64>>,
 }
@@ -33,7 +36,15 @@ impl BlockGroup {
     pub fn new(start: u64, length: u64, flags: u64) -> Self {
         let mut free = BTreeMap::new();
         free.insert(start, length);
-        Self { start, length, flags, used: Cell::new(0), pinned: Cell::new(0), free: RefCell::new(free) }
+        Self {
+            start,
+            length,
+            flags,
+            used: Cell::new(0),
+            pinned: Cell::new(0),
+            ro: Cell::new(false),
+            free: RefCell::new(free),
+        }
     }
 
     pub fn free_bytes(&self) -> u64 {
@@ -159,9 +170,13 @@ impl BlockGroupCache {
         let groups = self.all();
         let ordered = groups
             .iter()
-            .filter(|g| type_flags(g.flags) == flags)
+            .filter(|g| type_flags(g.flags) == flags && !g.ro.get())
             .filter(|g| g.start + g.length > hint)
-            .chain(groups.iter().filter(|g| type_flags(g.flags) == flags && g.start + g.length <= hint));
+            .chain(
+                groups
+                    .iter()
+                    .filter(|g| type_flags(g.flags) == flags && !g.ro.get() && g.start + g.length <= hint),
+            );
         for group in ordered {
             if let Some(bytenr) = group.take(num_bytes, align, hint.max(group.start)) {
                 group.used.set(group.used.get() + num_bytes);
@@ -239,6 +254,21 @@ mod tests {
         cache.free_extent(a, 16 << 10, false);
         cache.all()[0].used.set(16 << 10);
         cache.free_extent(a, 16 << 10, false);
+    }
+
+    #[test]
+    fn a_read_only_group_is_skipped() {
+        let cache = BlockGroupCache::default();
+        let first = cache.add(BlockGroup::new(0, 32 << 10, META));
+        cache.add(BlockGroup::new(1 << 20, 32 << 10, META));
+        first.ro.set(true);
+        assert_eq!(cache.find_free_extent(META, 16 << 10, 16 << 10), Some(1 << 20));
+        assert_eq!(cache.find_free_extent(META, 16 << 10, 16 << 10), Some((1 << 20) + (16 << 10)));
+        assert_eq!(
+            cache.find_free_extent(META, 16 << 10, 16 << 10),
+            None,
+            "only the read-only group has room"
+        );
     }
 
     #[test]

@@ -24,10 +24,8 @@
 //!   COWed or chose not to COW).
 //!
 //! Departures from ctree.c, each for a reason:
-//! - No tree mod log, no qgroups, no relocation trees, no shared blocks
-//!   (`update_ref_for_cow` has nothing to do: every block has one owner and
-//!   is freed when COWed); no readahead; no `nowait` paths; no commit-root
-//!   searches.
+//! - No tree mod log, no qgroups; no readahead; no `nowait` paths; no
+//!   commit-root searches.
 //! - `read_block_for_search` allocates the extent buffer (charging memory,
 //!   where reclaim can run) with the parent still locked, as the kernel's
 //!   `btrfs_find_create_tree_block` does, then releases the path and reads;
@@ -68,7 +66,9 @@ use crate::extent_io::{
     find_extent_buffer, free_extent_buffer_stale, read_tree_block, read_tree_block_verified,
     verify_parent_pointer,
 };
-use crate::extent_tree::{alloc_tree_block, free_tree_block, free_tree_block_ref, update_ref_for_cow};
+use crate::extent_tree::{
+    alloc_tree_block, alloc_tree_block_for, free_tree_block, free_tree_block_ref, update_ref_for_cow,
+};
 use crate::format::{
     CHUNK_TREE_OBJECTID, CSUM_TREE_OBJECTID, DEV_TREE_OBJECTID, EXTENT_TREE_OBJECTID, HEADER_FLAG_RELOC,
     HEADER_FLAG_WRITTEN, ITEM_SIZE, Key, MAX_LEVEL, MIXED_BACKREF_REV, ROOT_TREE_OBJECTID, RootItem,
@@ -142,6 +142,12 @@ impl Root {
     /// the delayed-refs, global or chunk reserves.
     pub fn is_subvolume(&self) -> bool {
         is_fstree(self.objectid)
+    }
+
+    /// Whether the tree may share blocks with others (`BTRFS_ROOT_SHAREABLE`):
+    /// subvolume trees and relocation trees.
+    pub fn is_shareable(&self) -> bool {
+        self.is_subvolume() || self.objectid == TREE_RELOC_OBJECTID
     }
 
     pub fn name(&self) -> String {
@@ -529,7 +535,16 @@ pub async fn force_cow_block(
     let level = buf.level();
     assert!(buf.generation() <= handle.transid, "block {} is from the future", buf.start);
     let refs_queued_before = handle.transaction.delayed_refs.queued.get();
-    let cow = alloc_tree_block(handle, root, level).await?;
+    let is_root = Rc::ptr_eq(buf, &root.node());
+    // A relocation tree references each block by its parent, its root
+    // block by itself.
+    let (parent_start, our_ref) = if root.objectid == TREE_RELOC_OBJECTID {
+        let parent_start = parent.map(|(p, _)| p.start).filter(|_| !is_root);
+        (parent_start, TreeRef::Shared { parent: parent_start.unwrap_or(buf.start) })
+    } else {
+        (None, TreeRef::Root(root.objectid))
+    };
+    let cow = alloc_tree_block_for(handle, root, level, parent_start).await?;
     copy_block_header(handle, buf, &cow, root.objectid);
     let refs = match update_ref_for_cow(handle, root, buf, &cow).await {
         Ok(refs) => refs,
@@ -539,8 +554,8 @@ pub async fn force_cow_block(
             return Err(error);
         }
     };
-    let (our_ref, last_ref) = (TreeRef::Root(root.objectid), refs == 1);
-    if Rc::ptr_eq(buf, &root.node()) {
+    let last_ref = refs == 1;
+    if is_root {
         root.set_node(cow.clone());
         free_tree_block_ref(handle, root, buf, our_ref, last_ref);
         root.last_trans.set(handle.transid);
@@ -613,7 +628,9 @@ pub async fn copy_root(
     assert_tree_write_locked(buf);
     let cow = alloc_tree_block(handle, new_root, buf.level()).await?;
     copy_block_header(handle, buf, &cow, new_root.objectid);
-    crate::extent_tree::mod_ref(handle, new_root, &cow, false, true);
+    // A relocation tree's references are by parent (FULL_BACKREF).
+    let full_backref = new_root.objectid == TREE_RELOC_OBJECTID;
+    crate::extent_tree::mod_ref(handle, new_root, &cow, full_backref, true);
     mark_buffer_dirty(handle, &cow);
     Ok(cow)
 }

@@ -922,6 +922,7 @@ pub async fn open_ctree(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, 
     if sb.log_root != 0 {
         crate::tree_log::recover_log_trees(&fs, sb.log_root, sb.log_root_level).await?;
     }
+    crate::relocation::recover_relocation(&fs).await?;
     Ok(fs)
 }
 
@@ -1059,8 +1060,8 @@ async fn read_chunk_tree(fs: &FsInfo, sb: &SuperBlock) -> Result<Rc<crate::exten
 }
 
 /// `btrfs_read_roots` and the fs roots: every ROOT_ITEM of the root tree
-/// gets a [`Root`] with its root block read and verified. Relocation trees
-/// and deleted subvolumes (refs 0) are skipped. Subvolume trees get their
+/// gets a [`Root`] with its root block read and verified; relocation trees
+/// go to `fs.reloc`. Deleted subvolumes (refs 0) are skipped. Subvolume trees get their
 /// highest inode number (`btrfs_init_root_free_objectid`).
 async fn read_roots(fs: &FsInfo, sb: &SuperBlock, roots: &mut BTreeMap<u64, Rc<Root>>) -> Result<(), Error> {
     let mut items: Vec<(u64, RootItem, u64)> = Vec::new();
@@ -1073,8 +1074,7 @@ async fn read_roots(fs: &FsInfo, sb: &SuperBlock, roots: &mut BTreeMap<u64, Rc<R
     })
     .await?;
     for (objectid, item, key_offset) in items {
-        let skip = objectid == TREE_RELOC_OBJECTID
-            || objectid == TREE_LOG_OBJECTID
+        let skip = objectid == TREE_LOG_OBJECTID
             || objectid == ROOT_TREE_OBJECTID
             || objectid == CHUNK_TREE_OBJECTID
             || (is_fstree(objectid) && item.refs == 0);
@@ -1085,6 +1085,12 @@ async fn read_roots(fs: &FsInfo, sb: &SuperBlock, roots: &mut BTreeMap<u64, Rc<R
             read_tree_block_verified(fs, item.bytenr, objectid, item.level, item.generation, None).await?;
         let root = Root::new(fs, objectid, node, item);
         root.root_key_offset.set(key_offset);
+        if objectid == TREE_RELOC_OBJECTID {
+            // A relocation tree a crash left, by its subvolume: dropped
+            // once mounted (relocation.rs `recover_relocation`).
+            fs.reloc.roots.borrow_mut().insert(key_offset, root);
+            continue;
+        }
         if is_fstree(objectid) {
             let target = Key::new(LAST_FREE_OBJECTID, u8::MAX, u64::MAX);
             let last =

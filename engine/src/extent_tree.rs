@@ -28,7 +28,7 @@ use crate::format::{
     BLOCK_FLAG_FULL_BACKREF, BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID,
     EXTENT_DATA_KEY, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
     ExtentDataRef, ExtentItem, FileExtentBody, FileExtentItem, HEADER_FLAG_WRITTEN, InlineRef, Key,
-    METADATA_ITEM_KEY, MIXED_BACKREF_REV, TREE_LOG_OBJECTID,
+    METADATA_ITEM_KEY, MIXED_BACKREF_REV, TREE_LOG_OBJECTID, TREE_RELOC_OBJECTID,
 };
 use crate::fs::FsInfo;
 use crate::locking::{tree_lock, tree_unlock};
@@ -50,6 +50,20 @@ pub async fn alloc_tree_block(
     handle: &TransHandle,
     root: &Root,
     level: u8,
+) -> Result<Rc<ExtentBuffer>, Error> {
+    alloc_tree_block_for(handle, root, level, None).await
+}
+
+/// [`alloc_tree_block`] naming the block that will point at the new one
+/// (None: the new block is the tree's root). A relocation tree references
+/// its blocks by parent, with FULL_BACKREF, and its root block by itself
+/// (alloc_reserved_tree_block's `parent = ins.objectid`); only COW and
+/// `copy_root` allocate in one (relocation never inserts into it).
+pub async fn alloc_tree_block_for(
+    handle: &TransHandle,
+    root: &Root,
+    level: u8,
+    parent: Option<u64>,
 ) -> Result<Rc<ExtentBuffer>, Error> {
     let fs = &handle.fs;
     let nodesize = u64::from(fs.nodesize);
@@ -84,6 +98,11 @@ pub async fn alloc_tree_block(
     if root.objectid == TREE_LOG_OBJECTID {
         // Log blocks are not in the extent tree.
         fs.log.block_allocated(bytenr);
+    } else if root.objectid == TREE_RELOC_OBJECTID {
+        let refs = &handle.transaction.delayed_refs;
+        let key = TreeRef::Shared { parent: parent.unwrap_or(bytenr) };
+        refs.add_tree_ref_mod(bytenr, level, key, 1, true, false);
+        refs.set_tree_flags(bytenr, level, BLOCK_FLAG_FULL_BACKREF);
     } else {
         handle.transaction.delayed_refs.add_tree_ref(bytenr, level, root.objectid, true);
     }
@@ -211,12 +230,18 @@ pub(crate) fn release_tree_block(handle: &TransHandle, bytenr: u64, group_flags:
     if let Some(space_info) = fs.space.get().map(|space| space.for_flags(group_flags)) {
         space_info.update_block_group(nodesize, false);
         if !pin {
-            space_info.unpin_extent(nodesize, false);
+            space_info.unpin_extent(nodesize, group_is_ro(fs, bytenr));
         }
     }
     if pin {
         handle.transaction.pinned.borrow_mut().insert(bytenr, nodesize);
     }
+}
+
+/// Whether the block group holding `bytenr` is read-only: bytes freed in
+/// it become `bytes_readonly`, not free space.
+fn group_is_ro(fs: &FsInfo, bytenr: u64) -> bool {
+    fs.block_groups.lookup(bytenr).is_some_and(|group| group.ro.get())
 }
 
 /// Queue the drop of `root`'s reference `key` to the (shared) tree block at
@@ -273,19 +298,19 @@ pub async fn lookup_extent_info(handle: &TransHandle, bytenr: u64, level: u8) ->
 /// `btrfs_inc_ref` (`inc`) / `btrfs_dec_ref`: one reference more or less
 /// for everything `eb` points at: its children, or the data extents of its
 /// file extent items. `full_backref`: by `eb` as parent (SHARED_BLOCK_REF,
-/// SHARED_DATA_REF), else by `root` (TREE_BLOCK_REF, EXTENT_DATA_REF).
+/// SHARED_DATA_REF), else by `eb`'s owner (TREE_BLOCK_REF, EXTENT_DATA_REF):
+/// the tree `root` is, except for a relocation tree, whose blocks keep the
+/// owner of the subvolume block they were copied from.
 pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backref: bool, inc: bool) {
     let refs = &handle.transaction.delayed_refs;
     let delta = if inc { 1 } else { -1 };
     let data = eb.data.borrow();
     let level = header_level(&data);
+    let owner = crate::accessors::header_owner(&data);
+    debug_assert!(owner == root.objectid || root.objectid == TREE_RELOC_OBJECTID || full_backref);
     for slot in 0..header_nritems(&data) as usize {
         if level > 0 {
-            let key = if full_backref {
-                TreeRef::Shared { parent: eb.start }
-            } else {
-                TreeRef::Root(root.objectid)
-            };
+            let key = if full_backref { TreeRef::Shared { parent: eb.start } } else { TreeRef::Root(owner) };
             refs.add_tree_ref_mod(node_blockptr(&data, slot), level - 1, key, delta, false, false);
             continue;
         }
@@ -306,11 +331,7 @@ pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backre
         let data_ref = if full_backref {
             DataRef::Shared { parent: eb.start }
         } else {
-            DataRef::Keyed(DataRefKey {
-                root: root.objectid,
-                objectid: key.objectid,
-                offset: key.offset - offset,
-            })
+            DataRef::Keyed(DataRefKey { root: owner, objectid: key.objectid, offset: key.offset - offset })
         };
         refs.add_data_ref(disk_bytenr, disk_num_bytes, data_ref, delta, false);
     }
@@ -320,7 +341,7 @@ pub fn mod_ref(handle: &TransHandle, root: &Root, eb: &ExtentBuffer, full_backre
 /// btrfs_block_can_be_shared): a block of a subvolume tree, not its root,
 /// written no later than the subvolume's last snapshot, or a relocated one.
 pub fn block_can_be_shared(root: &Root, buf: &Rc<ExtentBuffer>) -> bool {
-    root.is_subvolume()
+    root.is_shareable()
         && !Rc::ptr_eq(buf, &root.node())
         && (buf.generation() <= root.root_item.borrow().last_snapshot || buf.header_flag_reloc())
 }
@@ -331,14 +352,19 @@ pub fn block_can_be_shared(root: &Root, buf: &Rc<ExtentBuffer>) -> bool {
 /// `buf` as parent and `buf` becomes FULL_BACKREF (this root keeps its
 /// references, now for `cow`). Shared otherwise: `cow`'s children get a
 /// reference by this root. Unshared but FULL_BACKREF: the children's
-/// parent references move to this root. Returns `buf`'s reference count:
-/// 1 means this root's reference is the last (the caller frees the block).
+/// parent references move to this root. A relocation tree references
+/// everything by parent: in it, `cow`'s children always get references by
+/// `cow`, and a shared block without FULL_BACKREF also trades its
+/// children's references by root for ones by itself. Returns `buf`'s
+/// reference count: 1 means this root's reference is the last (the caller
+/// frees the block).
 pub async fn update_ref_for_cow(
     handle: &TransHandle,
     root: &Root,
     buf: &Rc<ExtentBuffer>,
     cow: &ExtentBuffer,
 ) -> Result<u64, Error> {
+    let reloc = root.objectid == TREE_RELOC_OBJECTID;
     let (refs, flags) = if block_can_be_shared(root, buf) {
         let (refs, flags) = lookup_extent_info(handle, buf.start, buf.level()).await?;
         if refs == 0 {
@@ -350,20 +376,31 @@ pub async fn update_ref_for_cow(
         (refs, flags)
     } else {
         let old_backrefs = header_backref_rev(&buf.data.borrow()) < MIXED_BACKREF_REV;
-        (1, if old_backrefs { BLOCK_FLAG_FULL_BACKREF } else { 0 })
+        let full = reloc || old_backrefs;
+        (1, if full { BLOCK_FLAG_FULL_BACKREF } else { 0 })
     };
     let full = flags & BLOCK_FLAG_FULL_BACKREF != 0;
+    if buf.owner() == TREE_RELOC_OBJECTID && !full {
+        return Err(Error::BadTreeBlock(format!(
+            "tree block {} of a relocation tree without FULL_BACKREF (refs {refs}, flags {flags:#x})",
+            buf.start
+        )));
+    }
     if refs > 1 {
-        if buf.owner() == root.objectid && !full {
+        if (buf.owner() == root.objectid || reloc) && !full {
             mod_ref(handle, root, buf, true, true);
+            if reloc {
+                mod_ref(handle, root, buf, false, false);
+                mod_ref(handle, root, cow, true, true);
+            }
             handle.transaction.delayed_refs.set_tree_flags(buf.start, buf.level(), BLOCK_FLAG_FULL_BACKREF);
         } else {
-            mod_ref(handle, root, cow, false, true);
+            mod_ref(handle, root, cow, reloc, true);
         }
         return Ok(refs);
     }
     if full {
-        mod_ref(handle, root, cow, false, true);
+        mod_ref(handle, root, cow, reloc, true);
         mod_ref(handle, root, buf, true, false);
     }
     Ok(1)
@@ -408,7 +445,7 @@ pub fn unpin_extents(fs: &FsInfo, pinned: &std::collections::BTreeMap<u64, u64>)
         let group = fs.block_groups.lookup(bytenr).expect("pinned extent lies in a block group");
         fs.block_groups.unpin(bytenr, len);
         if let Some(space) = fs.space.get() {
-            space.for_flags(group.flags).unpin_extent(len, false);
+            space.for_flags(group.flags).unpin_extent(len, group.ro.get());
         }
     }
 }
@@ -429,12 +466,18 @@ pub async fn drop_snapshot(handle: &TransHandle, root: &Root) -> Result<(), Erro
     }
     let fs = &handle.fs;
     let node = root.node();
+    // A relocation tree references its root block by the block itself.
+    let by = if root.objectid == TREE_RELOC_OBJECTID {
+        TreeRef::Shared { parent: node.start }
+    } else {
+        TreeRef::Root(root.objectid)
+    };
     let mut stack = vec![Step::Visit {
         bytenr: node.start,
         level: node.level(),
         generation: node.generation(),
         first_key: None,
-        by: TreeRef::Root(root.objectid),
+        by,
     }];
     drop(node);
     while let Some(step) = stack.pop() {

@@ -121,6 +121,8 @@ pub struct FsInfo {
     /// The device, its chunks and device extents, the super block copy
     /// (see [`crate::volumes`]).
     pub volumes: crate::volumes::Volumes,
+    /// Relocation trees and the relocation lock (see [`crate::relocation`]).
+    pub reloc: crate::relocation::RelocControl,
     weak: Weak<FsInfo>,
 }
 
@@ -152,6 +154,7 @@ impl FsInfo {
             inodes: Default::default(),
             page_cache: Default::default(),
             log: Default::default(),
+            reloc: Default::default(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));

@@ -1208,10 +1208,15 @@ pub(crate) mod testing {
 
     /// mkfs on a 128 MiB device, then mount.
     pub(crate) fn mount() -> (Rc<TestEnv>, Rc<FsInfo>) {
+        mount_with(FixPolicy::None)
+    }
+
+    /// [`mount`] under a fix.
+    pub(crate) fn mount_with(fix: FixPolicy) -> (Rc<TestEnv>, Rc<FsInfo>) {
         let env = TestEnv::new(DEVICE_BYTES as usize);
         let dyn_env: Rc<dyn Env> = env.clone();
-        env.run(mkfs(dyn_env.clone(), DEVICE_BYTES, NODESIZE, FixPolicy::None)).expect("mkfs");
-        let fs = env.run(open_ctree(dyn_env, FixPolicy::None)).expect("mount");
+        env.run(mkfs(dyn_env.clone(), DEVICE_BYTES, NODESIZE, fix)).expect("mkfs");
+        let fs = env.run(open_ctree(dyn_env, fix)).expect("mount");
         (env, fs)
     }
 
@@ -1237,6 +1242,45 @@ pub(crate) mod testing {
         f: impl FnOnce(Rc<FsInfo>) -> Fut,
     ) -> T {
         env.run(f(fs.clone()))
+    }
+
+    /// Every item of tree `id`, read without a transaction.
+    pub(crate) fn tree_items(env: &TestEnv, fs: &Rc<FsInfo>, id: u64) -> Vec<(crate::format::Key, Vec<u8>)> {
+        run(env, fs, move |fs| async move {
+            let node = fs.root(id).node();
+            let mut items = Vec::new();
+            crate::disk_io::for_each_leaf_item(
+                &fs,
+                id,
+                node.start,
+                node.level(),
+                node.generation(),
+                |k, d| {
+                    items.push((*k, d.to_vec()));
+                    Ok(())
+                },
+            )
+            .await
+            .map(|()| items)
+        })
+        .unwrap()
+    }
+
+    /// `files` files in the root directory, each with a data extent (300
+    /// make a fs tree of two levels), committed every 64.
+    pub(crate) fn populate(env: &TestEnv, fs: &Rc<FsInfo>, files: usize) {
+        use crate::file::{sync_fs, write};
+        run(env, fs, move |fs| async move {
+            for i in 0..files {
+                let ino = super::create(&fs, super::ROOT_DIR_INO, &format!("file-{i:04}")).await?;
+                write(&fs, ino, 0, &vec![i as u8; 5000]).await?;
+                if i % 64 == 63 {
+                    sync_fs(&fs).await?;
+                }
+            }
+            sync_fs(&fs).await
+        })
+        .unwrap();
     }
 
     /// Write every delayed item, in a joined transaction (what the commit

@@ -57,6 +57,8 @@ pub async fn delete_snapshot(fs: &Rc<FsInfo>, objectid: u64) -> Result<(), Error
 
 async fn do_delete_snapshot(fs: &Rc<FsInfo>, objectid: u64) -> Result<(), Error> {
     check_fs_error(fs)?;
+    // A relocation may be swapping blocks into the tree.
+    let _cleaner = crate::relocation::lock_cleaner(fs).await;
     let root = fs.roots.borrow().get(&objectid).cloned().ok_or(Error::Enoent)?;
     if root.root_item.borrow().flags & ROOT_SUBVOL_RDONLY == 0 || root.root_key_offset.get() == 0 {
         return Err(Error::Einval);
@@ -100,46 +102,8 @@ mod tests {
     use super::*;
     use crate::file::{sync_fs, truncate, write};
     use crate::format::FS_TREE_OBJECTID;
-    use crate::inode::testing::{check_clean, crash_and_mount, mount, run};
+    use crate::inode::testing::{check_clean, crash_and_mount, mount, populate, run, tree_items as items};
     use crate::inode::{ROOT_DIR_INO, create, lookup, unlink};
-    use crate::testenv::TestEnv;
-
-    /// Every item of tree `id`, read without a transaction.
-    fn items(env: &TestEnv, fs: &Rc<FsInfo>, id: u64) -> Vec<(Key, Vec<u8>)> {
-        run(env, fs, move |fs| async move {
-            let node = fs.root(id).node();
-            let mut items = Vec::new();
-            crate::disk_io::for_each_leaf_item(
-                &fs,
-                id,
-                node.start,
-                node.level(),
-                node.generation(),
-                |k, d| {
-                    items.push((*k, d.to_vec()));
-                    Ok(())
-                },
-            )
-            .await
-            .map(|()| items)
-        })
-        .unwrap()
-    }
-
-    /// Enough files for a fs tree of two levels, each with a data extent.
-    fn populate(env: &TestEnv, fs: &Rc<FsInfo>, files: usize) {
-        run(env, fs, move |fs| async move {
-            for i in 0..files {
-                let ino = create(&fs, ROOT_DIR_INO, &format!("file-{i:04}")).await?;
-                write(&fs, ino, 0, &vec![i as u8; 5000]).await?;
-                if i % 64 == 63 {
-                    sync_fs(&fs).await?;
-                }
-            }
-            sync_fs(&fs).await
-        })
-        .unwrap();
-    }
 
     fn refs_per_shared_cow(fs: &FsInfo) -> std::collections::BTreeMap<u32, u64> {
         fs.search_stats.refs_per_shared_cow.borrow().clone()

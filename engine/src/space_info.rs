@@ -663,6 +663,27 @@ impl SpaceInfoHandle {
         self.try_granting_tickets();
     }
 
+    /// `inc_block_group_ro`: `free_bytes` of a block group become read-only,
+    /// if the rest of the space can still hold every promise
+    /// (`btrfs_can_overcommit` with NO_FLUSH); else ENOSPC.
+    pub fn inc_block_group_ro(&self, free_bytes: u64) -> Result<(), Enospc> {
+        if !self.can_overcommit(free_bytes, FlushKind::NoFlush) {
+            return Err(Enospc);
+        }
+        self.0.state.borrow_mut().info.bytes_readonly += free_bytes;
+        Ok(())
+    }
+
+    /// `btrfs_dec_block_group_ro`: a read-only group's `free_bytes` are
+    /// free space again.
+    pub fn dec_block_group_ro(&self, free_bytes: u64) {
+        {
+            let mut st = self.0.state.borrow_mut();
+            apply_delta(&mut st.info.bytes_readonly, -to_i64(free_bytes), "bytes_readonly");
+        }
+        self.return_free_space(free_bytes);
+    }
+
     /// No more chunks can be allocated for this type (`space_info->full`).
     pub fn set_full(&self, full: bool) {
         self.0.state.borrow_mut().info.full = full;

@@ -604,7 +604,8 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     // The commit makes the log redundant (commit_fs_roots → btrfs_free_log).
     crate::tree_log::free_log_trees(handle);
     run_delayed_items(handle).await?;
-    let snapshotted = create_pending_snapshots(handle).await?;
+    let mut snapshotted = create_pending_snapshots(handle).await?;
+    snapshotted.extend(crate::relocation::create_reloc_roots(handle).await?);
     run_delayed_refs(handle).await?;
     create_pending_block_groups(handle).await?;
     commit_roots(handle).await?;
@@ -666,17 +667,7 @@ async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot
     let highest = fs.roots.borrow().keys().copied().filter(|&id| is_fstree(id)).max().unwrap_or(0);
     let objectid = highest.max(tree_root.highest_objectid.get()).max(FIRST_FREE_OBJECTID - 1) + 1;
     tree_root.highest_objectid.set(objectid);
-    source.root_item.borrow_mut().last_snapshot = handle.transid;
-    source.force_cow.set(true);
-    source.dirty.set(true);
-    let old = lock_root_node(fs, &source).await;
-    let node = match cow_block(handle, &source, &old, None).await {
-        Ok(node) => node,
-        Err(error) => {
-            tree_unlock(&old);
-            return Err(error);
-        }
-    };
+    let node = cow_source_root(handle, &source).await?;
     let mut item = *source.root_item.borrow();
     item.flags |= ROOT_SUBVOL_RDONLY;
     item.parent_uuid = item.uuid;
@@ -709,6 +700,27 @@ async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot
     pending.objectid.set(Some(objectid));
     fs.env.trace(TraceEvent::Note { what: "snapshot", a: pending.source, b: objectid, c: copy.start });
     Ok(source)
+}
+
+/// The commit's first step in copying the tree `source` (a snapshot or a
+/// relocation tree): from now on its blocks up to this transaction may be
+/// shared (`last_snapshot`), and FORCE_COW holds until its root item is
+/// written; its root block is COWed and returned write-locked.
+pub(crate) async fn cow_source_root(
+    handle: &TransHandle,
+    source: &Rc<Root>,
+) -> Result<Rc<ExtentBuffer>, Error> {
+    source.root_item.borrow_mut().last_snapshot = handle.transid;
+    source.force_cow.set(true);
+    source.dirty.set(true);
+    let old = lock_root_node(&handle.fs, source).await;
+    match cow_block(handle, source, &old, None).await {
+        Ok(node) => Ok(node),
+        Err(error) => {
+            tree_unlock(&old);
+            Err(error)
+        }
+    }
 }
 
 /// A new subvolume's UUID, from the filesystem's and the tree id (no OS
@@ -805,6 +817,7 @@ async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
             .borrow()
             .values()
             .filter(|root| root.objectid != ROOT_TREE_OBJECTID && root.objectid != CHUNK_TREE_OBJECTID)
+            .chain(fs.reloc.roots.borrow().values())
             .filter(|root| root.dirty.get() || root.root_item.borrow().bytenr != root.node().start)
             .cloned()
             .collect();
