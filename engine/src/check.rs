@@ -41,7 +41,7 @@ use crate::extent_io::read_tree_block_verified;
 use crate::format::{
     BLOCK_GROUP_ITEM_KEY, BlockGroupItem, DIR_INDEX_KEY, DIR_ITEM_KEY, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
     ExtentItem, FIRST_FREE_OBJECTID, FS_TREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY,
-    InlineRef, InodeItem, Key, METADATA_ITEM_KEY, dir_items, inode_refs, is_fstree,
+    InlineRef, InodeItem, Key, METADATA_ITEM_KEY, TREE_RELOC_OBJECTID, dir_items, inode_refs, is_fstree,
 };
 use crate::fs::FsInfo;
 
@@ -156,6 +156,16 @@ pub async fn check_fs(fs: &Rc<FsInfo>) -> CheckReport {
             walk_tree(fs, root.objectid, bytenr, level, generation, &mut gathered, &mut report.errors).await;
         report.trees.insert(root.objectid, shape);
     }
+    // Relocation trees a crash (or a running relocation) left share blocks
+    // with their subvolumes; their references are part of the count.
+    let relocs: Vec<_> = fs.reloc.roots.borrow().values().cloned().collect();
+    for reloc in relocs {
+        let node = reloc.node();
+        let (bytenr, level, generation) = (node.start, node.level(), node.generation());
+        drop(node);
+        walk_tree(fs, TREE_RELOC_OBJECTID, bytenr, level, generation, &mut gathered, &mut report.errors)
+            .await;
+    }
     check_extents(fs, &gathered, &mut report.errors);
     check_file_data(fs, &gathered, &mut report.errors);
     let fs_items = gathered.subvol_items.remove(&FS_TREE_OBJECTID).unwrap_or_default();
@@ -193,9 +203,11 @@ async fn walk_tree(
         block.trees.insert(tree);
         match parent {
             Some(parent) => block.parents.insert(parent),
+            // A relocation tree references its root block by the block.
+            None if tree == TREE_RELOC_OBJECTID => block.parents.insert(bytenr),
             None => block.root_of.insert(tree),
         };
-        if !first_visit && !(is_fstree(tree) && block.trees.iter().all(|&t| is_fstree(t))) {
+        if !first_visit && !(shareable(tree) && block.trees.iter().all(|&t| shareable(t))) {
             errors.push(format!("tree block {bytenr} is reachable from trees {:?}", block.trees));
             continue;
         }
@@ -252,7 +264,7 @@ async fn walk_tree(
             last_leaf_key = Some(key);
             gather_item(tree, key, item_data(&data, i), gathered, errors, &mut extents);
         }
-        if first_visit && is_fstree(tree) {
+        if first_visit && shareable(tree) {
             gathered.leaf_extents.insert(bytenr, extents);
         }
     }
@@ -326,7 +338,7 @@ fn gather_item(
             }
             _ => {}
         }
-    } else if is_fstree(tree) {
+    } else if shareable(tree) {
         if key.item_type == crate::format::EXTENT_DATA_KEY
             && let Ok(item) = crate::format::FileExtentItem::read(payload)
             && let crate::format::FileExtentBody::Regular { disk_bytenr, offset, .. } = item.body
@@ -334,7 +346,9 @@ fn gather_item(
         {
             extents.push((disk_bytenr, key.objectid, key.offset.wrapping_sub(offset)));
         }
-        gathered.subvol_items.entry(tree).or_default().push((key, payload.to_vec()));
+        if is_fstree(tree) {
+            gathered.subvol_items.entry(tree).or_default().push((key, payload.to_vec()));
+        }
     } else if tree == crate::format::CSUM_TREE_OBJECTID && key.item_type == crate::format::EXTENT_CSUM_KEY {
         gathered.csums.insert(key.offset, (payload.len() / crate::format::CRC32C_CSUM_SIZE) as u64);
     }
@@ -351,6 +365,11 @@ fn full_backref(gathered: &Gathered, bytenr: u64) -> bool {
 
 /// The references a block must have: by each tree it is the root of, and
 /// per parent by the parent (FULL_BACKREF) or by the parent's owner.
+/// Trees that may share blocks: subvolumes and relocation trees.
+fn shareable(tree: u64) -> bool {
+    is_fstree(tree) || tree == TREE_RELOC_OBJECTID
+}
+
 fn expected_backrefs(gathered: &Gathered, block: &Block) -> BTreeSet<Backref> {
     let by_parent = block.parents.iter().map(|&parent| {
         if full_backref(gathered, parent) {

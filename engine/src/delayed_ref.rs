@@ -162,6 +162,13 @@ impl DelayedRefRoot {
         Some((head.ref_mod(), head.set_flags))
     }
 
+    /// Whether `bytenr` was allocated in this transaction and its head,
+    /// with the insert of its item, has not run yet: its last free may give
+    /// the space back at once (kernel: check_ref_cleanup).
+    pub fn allocated_unrun(&self, bytenr: u64) -> bool {
+        self.heads.borrow().get(&bytenr).is_some_and(|head| head.must_insert_reserved)
+    }
+
     /// Whether a task is running the head of `bytenr`.
     pub fn is_processing_head(&self, bytenr: u64) -> bool {
         self.processing.borrow().contains(&bytenr)

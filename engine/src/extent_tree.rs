@@ -28,7 +28,7 @@ use crate::format::{
     BLOCK_FLAG_FULL_BACKREF, BLOCK_GROUP_DATA, BLOCK_GROUP_METADATA, BLOCK_GROUP_SYSTEM, CHUNK_TREE_OBJECTID,
     EXTENT_DATA_KEY, EXTENT_FLAG_DATA, EXTENT_FLAG_TREE_BLOCK, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
     ExtentDataRef, ExtentItem, FileExtentBody, FileExtentItem, HEADER_FLAG_WRITTEN, InlineRef, Key,
-    METADATA_ITEM_KEY, MIXED_BACKREF_REV, TREE_LOG_OBJECTID, TREE_RELOC_OBJECTID,
+    METADATA_ITEM_KEY, MIXED_BACKREF_REV, ROOT_TREE_OBJECTID, TREE_LOG_OBJECTID, TREE_RELOC_OBJECTID,
 };
 use crate::fs::FsInfo;
 use crate::locking::{tree_lock, tree_unlock};
@@ -114,7 +114,12 @@ pub async fn alloc_tree_block_for(
 /// being dropped (no longer among the filesystem's roots) has no item left
 /// to keep right.
 fn adjust_root_bytes_used(root: &Root, delta: i64) {
-    if !root.fs_info().roots.borrow().contains_key(&root.objectid) {
+    // The root and chunk trees' items live in the super block, which has
+    // no bytes_used for them (they are not counted from mount either).
+    if root.objectid == ROOT_TREE_OBJECTID
+        || root.objectid == CHUNK_TREE_OBJECTID
+        || !root.fs_info().roots.borrow().contains_key(&root.objectid)
+    {
         return;
     }
     let mut item = root.root_item.borrow_mut();
@@ -202,18 +207,29 @@ pub fn free_tree_block_ref(
     }
     let fs = &handle.fs;
     let nodesize = u64::from(fs.nodesize);
+    let ours = eb.generation() == handle.transid;
+    if ours {
+        clear_extent_buffer_dirty(eb);
+        handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
+    }
+    // A block of this transaction whose item a run of delayed refs already
+    // inserted keeps its space until the run that deletes the item (kernel:
+    // check_ref_cleanup finds no head to clean up): freed at once, it could
+    // be allocated again while its item still stands.
+    let item_inserted =
+        root.objectid != TREE_LOG_OBJECTID && !handle.transaction.delayed_refs.allocated_unrun(eb.start);
+    if ours && item_inserted && !eb.header_flag(HEADER_FLAG_WRITTEN) && !eb.under_writeback() {
+        adjust_root_bytes_used(root, -(nodesize as i64));
+        handle.transaction.delayed_refs.add_tree_ref_mod(eb.start, eb.level(), key, -1, false, false);
+        return;
+    }
+    let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     adjust_root_bytes_used(root, -(nodesize as i64));
     if root.objectid == TREE_LOG_OBJECTID {
         fs.log.block_freed(eb.start);
     } else {
         handle.transaction.delayed_refs.add_tree_ref_mod(eb.start, eb.level(), key, -1, false, true);
     }
-    let ours = eb.generation() == handle.transid;
-    if ours {
-        clear_extent_buffer_dirty(eb);
-        handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
-    }
-    let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     release_tree_block(handle, eb.start, tree_block_group_flags(root.objectid), pin);
     if !pin {
         free_extent_buffer_stale(fs, eb);

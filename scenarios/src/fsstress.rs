@@ -53,6 +53,10 @@ struct Params {
     /// the oldest one (absent in seed files older than snapshots: none).
     #[serde(default)]
     snapshot_percent: u32,
+    /// Percent of operations that relocate a metadata block group (balance;
+    /// absent in seed files older than relocation: none).
+    #[serde(default)]
+    balance_percent: u32,
     nodesize: u32,
     device_bytes: u64,
     power_loss_after_ns: u64,
@@ -101,6 +105,9 @@ fn draw_params(seed: u64) -> (Params, u64) {
         },
         // Drawn last: the parameters above stay what they were for each seed.
         snapshot_percent: rng.random_range(0..=4),
+        // Not drawn: swarm seeds stay what they were; the snapshot variant
+        // balances.
+        balance_percent: 0,
     };
     (params, high_bytes)
 }
@@ -112,6 +119,10 @@ pub struct FsstressSnapshots;
 
 /// How much later than `fsstress` the snapshot variant cuts power.
 const SNAPSHOT_POWER_LOSS_FACTOR: u64 = 15;
+
+/// Percent of `fsstress-snapshots` operations that relocate a metadata
+/// block group.
+const BALANCE_PERCENT: u32 = 2;
 
 impl Scenario for FsstressSnapshots {
     fn name(&self) -> &'static str {
@@ -126,6 +137,7 @@ impl Scenario for FsstressSnapshots {
         let (base, high_bytes) = draw_params(seed);
         let params = Params {
             snapshot_percent: 20,
+            balance_percent: BALANCE_PERCENT,
             // Trees of more than one level, so that snapshots share more than
             // a root: many names, 4 KiB nodes, and the power cut later.
             names: 40,
@@ -177,6 +189,8 @@ struct State {
     snapshots: Vec<u64>,
     snapshots_taken: u64,
     snapshots_deleted: u64,
+    balances: u64,
+    balances_enospc: u64,
     writes: u64,
     reads: u64,
     stopped: bool,
@@ -215,16 +229,37 @@ async fn setup(env: Rc<dyn Env>, fix: FixPolicy, params: Params, seed: u64, stat
 
 enum Action {
     Create(String),
-    Write { path: String, offset: u64, len: u64, byte: u8 },
-    Truncate { path: String, size: u64 },
-    Punch { path: String, offset: u64, len: u64 },
-    Read { path: String, offset: u64, len: u64 },
-    Rename { from: String, to: String },
+    Write {
+        path: String,
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
+    Truncate {
+        path: String,
+        size: u64,
+    },
+    Punch {
+        path: String,
+        offset: u64,
+        len: u64,
+    },
+    Read {
+        path: String,
+        offset: u64,
+        len: u64,
+    },
+    Rename {
+        from: String,
+        to: String,
+    },
     Unlink(String),
     Fsync(String),
     Sync,
     Snapshot,
     DeleteSnapshot,
+    /// Relocate a metadata block group, picked among them by this number.
+    Balance(u32),
 }
 
 fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
@@ -233,6 +268,9 @@ fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
     // No draw without snapshots: runs from before snapshots replay alike.
     if params.snapshot_percent > 0 && rng.random_range(0..100) < params.snapshot_percent {
         return if rng.random_range(0..3) < 2 { Action::Snapshot } else { Action::DeleteSnapshot };
+    }
+    if params.balance_percent > 0 && rng.random_range(0..100) < params.balance_percent {
+        return Action::Balance(rng.random());
     }
     if rng.random_range(0..100) < params.sync_percent {
         return Action::Sync;
@@ -440,6 +478,22 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
             state.borrow_mut().snapshots_deleted += 1;
             Ok(())
         }
+        Action::Balance(pick) => {
+            let groups: Vec<u64> = fs
+                .block_groups
+                .all()
+                .iter()
+                .filter(|g| engine::block_group::type_flags(g.flags) == engine::format::BLOCK_GROUP_METADATA)
+                .map(|g| g.start)
+                .collect();
+            let start = groups[pick as usize % groups.len()];
+            match engine::relocation::relocate_block_group(fs, start).await {
+                Ok(_) => state.borrow_mut().balances += 1,
+                Err(engine::error::Error::Enospc) => state.borrow_mut().balances_enospc += 1,
+                Err(e) => return Err(format!("balance of block group {start}: {e}")),
+            }
+            Ok(())
+        }
         Action::Sync => {
             // Files no operation is changing now are on disk once the sync returns.
             let before: Vec<(String, FileModel)> = state
@@ -511,7 +565,8 @@ async fn work(
             | Action::Fsync(_)
             | Action::Sync
             | Action::Snapshot
-            | Action::DeleteSnapshot => Vec::new(),
+            | Action::DeleteSnapshot
+            | Action::Balance(_) => Vec::new(),
         };
         let paths: Vec<&str> = changes.iter().map(String::as_str).collect();
         start_change(&state, seq, &paths);
@@ -642,6 +697,14 @@ impl ScenarioRun for FsstressRun {
         if self.params.snapshot_percent > 0 {
             stats["snapshots"] = serde_json::json!({
                 "taken": state.snapshots_taken, "deleted": state.snapshots_deleted,
+            });
+        }
+        if self.params.balance_percent > 0 {
+            let moved = state.fs.as_ref().map(|fs| *fs.reloc.stats.borrow()).unwrap_or_default();
+            stats["balance"] = serde_json::json!({
+                "done": state.balances, "enospc": state.balances_enospc,
+                "blocks_moved": moved.blocks_moved, "blocks_repointed": moved.blocks_repointed,
+                "swaps": moved.swaps, "reloc_trees": moved.reloc_trees,
             });
         }
         stats["writes"] = state.writes.into();

@@ -78,10 +78,15 @@ fn fsstress_holds_its_oracles_over_500_seeds_with_power_loss() {
 /// COW shared blocks and delete snapshots, and power lands mid-workload in
 /// many of them.
 #[test]
-fn fsstress_with_snapshots_keeps_shared_references_exact_over_300_seeds() {
+fn fsstress_with_snapshots_and_balance_keeps_shared_references_exact_over_300_seeds() {
     const SNAPSHOT_SEEDS: u64 = 300;
     let (mut shared_cows, mut max_refs, mut taken, mut deleted, mut mid_workload) = (0, 0, 0, 0, 0);
+    let (mut balances, mut swaps, mut repointed) = (0, 0, 0);
     let failures = run_seeds("fsstress-snapshots", 0..SNAPSHOT_SEEDS, |result| {
+        let balance = &result.stats["scenario"]["balance"];
+        balances += balance["done"].as_u64().unwrap_or(0);
+        swaps += balance["swaps"].as_u64().unwrap_or(0);
+        repointed += balance["blocks_repointed"].as_u64().unwrap_or(0);
         mid_workload += u64::from(result.stats["scenario"]["crashed_mid_workload"] == true);
         let refs = &result.stats["extent_refs"];
         shared_cows += refs["shared_cows"].as_u64().unwrap_or(0);
@@ -106,4 +111,10 @@ fn fsstress_with_snapshots_keeps_shared_references_exact_over_300_seeds() {
         "power landed mid-workload in only {mid_workload} seeds: the snapshots' crash recovery goes untested"
     );
     assert!(max_refs >= 10, "no COW of a shared block queued more than {max_refs} delayed refs");
+    // Relocation ran beside all of it: block groups emptied, subtrees
+    // swapped into subvolumes, shared blocks moved once for several trees.
+    assert!(
+        balances >= SNAPSHOT_SEEDS && swaps >= SNAPSHOT_SEEDS && repointed >= SNAPSHOT_SEEDS / 3,
+        "balances {balances}, swaps {swaps}, repointed {repointed}"
+    );
 }
