@@ -43,7 +43,7 @@ use crate::accessors::{
     node_blockptr, node_key, node_ptr_generation, set_node_blockptr, set_node_ptr_generation,
 };
 use crate::block_group::{BlockGroup, type_flags};
-use crate::ctree::{Path, Root, copy_root, cow_block, del_items, insert_item, next_item, search_slot};
+use crate::ctree::{Path, Root, cow_block, del_items, insert_item, next_item, search_slot};
 use crate::delayed_ref::TreeRef;
 use crate::env::{TraceEvent, WaitOn};
 use crate::error::Error;
@@ -56,7 +56,7 @@ use crate::fs::FsInfo;
 use crate::locking::{tree_lock, tree_unlock};
 use crate::transaction::{
     TransHandle, abort_transaction, check_fs_error, commit_transaction, cow_source_root, end_transaction,
-    join_transaction, mark_buffer_dirty, start_transaction,
+    join_transaction, mark_buffer_dirty, root_from_copy, start_transaction,
 };
 use crate::wait::WaitQueue;
 
@@ -566,18 +566,7 @@ pub(crate) async fn create_reloc_roots(handle: &TransHandle) -> Result<Vec<Rc<Ro
         item.refs = 0;
         let reloc = Root::new(fs, TREE_RELOC_OBJECTID, node.clone(), item);
         reloc.root_key_offset.set(source.objectid);
-        let copied = copy_root(handle, &reloc, &node).await;
-        tree_unlock(&node);
-        let copy = copied?;
-        reloc.set_node(copy.clone());
-        tree_unlock(&copy);
-        {
-            let mut item = reloc.root_item.borrow_mut();
-            item.bytenr = copy.start;
-            item.level = copy.level();
-            item.generation = handle.transid;
-            item.generation_v2 = handle.transid;
-        }
+        let copy = root_from_copy(handle, &reloc, node).await?;
         let key = Key { objectid: TREE_RELOC_OBJECTID, item_type: ROOT_ITEM_KEY, offset: source.objectid };
         let bytes = reloc.root_item.borrow().to_bytes();
         insert_item(handle, &tree_root, &key, &bytes).await?;
@@ -619,6 +608,18 @@ mod tests {
             .filter(|g| type_flags(g.flags) == BLOCK_GROUP_METADATA)
             .max_by_key(|g| g.used.get())
             .expect("a metadata block group")
+    }
+
+    /// One stage of relocation up to the swaps: the group read-only,
+    /// relocation trees made, its blocks moved and swapped into their
+    /// subvolumes; the relocation trees are not dropped.
+    async fn move_and_swap(fs: &Rc<FsInfo>, group: &BlockGroup) -> Result<(), Error> {
+        inc_block_group_ro(fs, group).await?;
+        commit(fs).await?;
+        fs.reloc.create_pending.set(true);
+        commit(fs).await?;
+        let blocks = tree_blocks_in(fs, group).await?;
+        relocate_blocks(fs, &blocks).await
     }
 
     #[test]
@@ -687,12 +688,7 @@ mod tests {
             let start = group.start;
             run(&env, &fs, move |fs| async move {
                 let _cleaner = lock_cleaner(&fs).await;
-                inc_block_group_ro(&fs, &group).await?;
-                commit(&fs).await?;
-                fs.reloc.create_pending.set(true);
-                commit(&fs).await?;
-                let blocks = tree_blocks_in(&fs, &group).await?;
-                relocate_blocks(&fs, &blocks).await?;
+                move_and_swap(&fs, &group).await?;
                 // Swapped, not yet committed: the subvolume holds RELOC
                 // blocks of the running transaction.
                 let root = fs.root(FS_TREE_OBJECTID);
@@ -736,12 +732,7 @@ mod tests {
         let group = fullest_metadata_group(&fs);
         run(&env, &fs, move |fs| async move {
             let _cleaner = lock_cleaner(&fs).await;
-            inc_block_group_ro(&fs, &group).await?;
-            commit(&fs).await?;
-            fs.reloc.create_pending.set(true);
-            commit(&fs).await?;
-            let blocks = tree_blocks_in(&fs, &group).await?;
-            relocate_blocks(&fs, &blocks).await?;
+            move_and_swap(&fs, &group).await?;
             commit(&fs).await
         })
         .unwrap();

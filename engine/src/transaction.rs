@@ -681,18 +681,7 @@ async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot
     let snapshot = Root::new(fs, objectid, node.clone(), item);
     snapshot.root_key_offset.set(handle.transid);
     snapshot.highest_objectid.set(source.highest_objectid.get());
-    let copied = copy_root(handle, &snapshot, &node).await;
-    tree_unlock(&node);
-    let copy = copied?;
-    snapshot.set_node(copy.clone());
-    tree_unlock(&copy);
-    {
-        let mut item = snapshot.root_item.borrow_mut();
-        item.bytenr = copy.start;
-        item.level = copy.level();
-        item.generation = handle.transid;
-        item.generation_v2 = handle.transid;
-    }
+    let copy = root_from_copy(handle, &snapshot, node).await?;
     let key = Key { objectid, item_type: ROOT_ITEM_KEY, offset: handle.transid };
     let bytes = snapshot.root_item.borrow().to_bytes();
     insert_item(handle, &tree_root, &key, &bytes).await?;
@@ -721,6 +710,28 @@ pub(crate) async fn cow_source_root(
             Err(error)
         }
     }
+}
+
+/// The commit's second step in copying a tree: the new tree `new_root`
+/// gets a `copy_root` of `node` (the source's COWed root, write-locked,
+/// unlocked here) as its root block, named by its root item.
+pub(crate) async fn root_from_copy(
+    handle: &TransHandle,
+    new_root: &Root,
+    node: Rc<ExtentBuffer>,
+) -> Result<Rc<ExtentBuffer>, Error> {
+    let copied = copy_root(handle, new_root, &node).await;
+    tree_unlock(&node);
+    let copy = copied?;
+    new_root.set_node(copy.clone());
+    tree_unlock(&copy);
+    let mut item = new_root.root_item.borrow_mut();
+    item.bytenr = copy.start;
+    item.level = copy.level();
+    item.generation = handle.transid;
+    item.generation_v2 = handle.transid;
+    drop(item);
+    Ok(copy)
 }
 
 /// A new subvolume's UUID, from the filesystem's and the tree id (no OS
