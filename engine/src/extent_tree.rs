@@ -212,24 +212,23 @@ pub fn free_tree_block_ref(
         clear_extent_buffer_dirty(eb);
         handle.transaction.dirty_ebs.borrow_mut().remove(&eb.start);
     }
+    let written = eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
     // A block of this transaction whose item a run of delayed refs already
     // inserted keeps its space until the run that deletes the item (kernel:
     // check_ref_cleanup finds no head to clean up): freed at once, it could
     // be allocated again while its item still stands.
-    let item_inserted =
-        root.objectid != TREE_LOG_OBJECTID && !handle.transaction.delayed_refs.allocated_unrun(eb.start);
-    if ours && item_inserted && !eb.header_flag(HEADER_FLAG_WRITTEN) && !eb.under_writeback() {
-        adjust_root_bytes_used(root, -(nodesize as i64));
-        handle.transaction.delayed_refs.add_tree_ref_mod(eb.start, eb.level(), key, -1, false, false);
-        return;
-    }
-    let pin = !ours || eb.header_flag(HEADER_FLAG_WRITTEN) || eb.under_writeback();
+    let log = root.objectid == TREE_LOG_OBJECTID;
+    let deferred = ours && !written && !log && !handle.transaction.delayed_refs.allocated_unrun(eb.start);
     adjust_root_bytes_used(root, -(nodesize as i64));
-    if root.objectid == TREE_LOG_OBJECTID {
+    if log {
         fs.log.block_freed(eb.start);
     } else {
-        handle.transaction.delayed_refs.add_tree_ref_mod(eb.start, eb.level(), key, -1, false, true);
+        handle.transaction.delayed_refs.add_tree_ref_mod(eb.start, eb.level(), key, -1, false, !deferred);
     }
+    if deferred {
+        return;
+    }
+    let pin = !ours || written;
     release_tree_block(handle, eb.start, tree_block_group_flags(root.objectid), pin);
     if !pin {
         free_extent_buffer_stale(fs, eb);
