@@ -24,7 +24,10 @@
 //!   by the leaf if it is FULL_BACKREF, else by its owner, inode and
 //!   offset) and none is left unreferenced; every subvolume, snapshots too,
 //!   gets the file and namespace checks; every sector of every data extent has
-//!   exactly one checksum and no checksum lies outside a data extent.
+//!   exactly one checksum and no checksum lies outside a data extent;
+//! - with quotas on, each subvolume's QGROUP_INFO: `rfer` the tree blocks
+//!   and data extents its trees reach, `excl` those no other subvolume
+//!   reaches; a qgroup of a deleted subvolume counts nothing.
 //!
 //! It never repairs: every finding is a line in [`CheckReport::errors`].
 
@@ -41,7 +44,9 @@ use crate::extent_io::read_tree_block_verified;
 use crate::format::{
     BLOCK_GROUP_ITEM_KEY, BlockGroupItem, DIR_INDEX_KEY, DIR_ITEM_KEY, EXTENT_ITEM_KEY, EXTENT_TREE_OBJECTID,
     ExtentItem, FIRST_FREE_OBJECTID, FS_TREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY,
-    InlineRef, InodeItem, Key, METADATA_ITEM_KEY, TREE_RELOC_OBJECTID, dir_items, inode_refs, is_fstree,
+    InlineRef, InodeItem, Key, METADATA_ITEM_KEY, QGROUP_INFO_KEY, QGROUP_STATUS_FLAG_INCONSISTENT,
+    QGROUP_STATUS_FLAG_ON, QGROUP_STATUS_KEY, QUOTA_TREE_OBJECTID, QgroupInfoItem, QgroupStatusItem,
+    TREE_RELOC_OBJECTID, dir_items, inode_refs, is_fstree,
 };
 use crate::fs::FsInfo;
 
@@ -141,6 +146,9 @@ struct Gathered {
     block_group_items: Vec<(u64, u64, BlockGroupItem)>,
     /// Items of each subvolume tree (the top fs tree and snapshots).
     subvol_items: BTreeMap<u64, Vec<(Key, Vec<u8>)>>,
+    /// Quota tree: the status item and each qgroup's info item.
+    qgroup_status: Option<QgroupStatusItem>,
+    qgroup_info: BTreeMap<u64, QgroupInfoItem>,
 }
 
 /// Check a mounted (quiescent) filesystem.
@@ -168,6 +176,8 @@ pub async fn check_fs(fs: &Rc<FsInfo>) -> CheckReport {
     }
     check_extents(fs, &gathered, &mut report.errors);
     check_file_data(fs, &gathered, &mut report.errors);
+    let subvols: Vec<u64> = fs.roots.borrow().keys().copied().filter(|&id| is_fstree(id)).collect();
+    check_qgroups(fs, &gathered, &subvols, &mut report.errors);
     let fs_items = gathered.subvol_items.remove(&FS_TREE_OBJECTID).unwrap_or_default();
     check_namespace(&fs_items, &mut report);
     for (tree, items) in &gathered.subvol_items {
@@ -349,6 +359,19 @@ fn gather_item(
         if is_fstree(tree) {
             gathered.subvol_items.entry(tree).or_default().push((key, payload.to_vec()));
         }
+    } else if tree == QUOTA_TREE_OBJECTID {
+        match key.item_type {
+            QGROUP_STATUS_KEY if payload.len() >= QgroupStatusItem::SIZE => {
+                gathered.qgroup_status = Some(QgroupStatusItem::read(payload));
+            }
+            QGROUP_INFO_KEY if payload.len() >= QgroupInfoItem::SIZE => {
+                gathered.qgroup_info.insert(key.offset, QgroupInfoItem::read(payload));
+            }
+            QGROUP_STATUS_KEY | QGROUP_INFO_KEY => {
+                errors.push(format!("quota tree: item {key} is too small"))
+            }
+            _ => {}
+        }
     } else if tree == crate::format::CSUM_TREE_OBJECTID && key.item_type == crate::format::EXTENT_CSUM_KEY {
         gathered.csums.insert(key.offset, (payload.len() / crate::format::CRC32C_CSUM_SIZE) as u64);
     }
@@ -427,6 +450,83 @@ fn check_extents(fs: &FsInfo, gathered: &Gathered, errors: &mut Vec<String>) {
                 "block group {start}+{length}: BLOCK_GROUP_ITEM used {} but its extents add up to {}",
                 item.used,
                 metadata + data
+            ));
+        }
+    }
+}
+
+/// The subvolumes above each block: those it is the root of, and those
+/// above its parents (a relocation tree's root block, its own parent, adds
+/// none).
+fn subvols_above(gathered: &Gathered, bytenr: u64, memo: &mut BTreeMap<u64, BTreeSet<u64>>) -> BTreeSet<u64> {
+    if let Some(found) = memo.get(&bytenr) {
+        return found.clone();
+    }
+    memo.insert(bytenr, BTreeSet::new());
+    let mut above = BTreeSet::new();
+    if let Some(block) = gathered.blocks.get(&bytenr) {
+        above.extend(block.root_of.iter().copied().filter(|&tree| is_fstree(tree)));
+        for &parent in block.parents.iter().filter(|&&parent| parent != bytenr) {
+            above.extend(subvols_above(gathered, parent, memo));
+        }
+    }
+    memo.insert(bytenr, above.clone());
+    above
+}
+
+/// With quotas on, each subvolume's QGROUP_INFO holds what its trees
+/// reach: `rfer` every tree block (nodesize) and data extent (its length)
+/// below its root, `excl` those no other subvolume reaches. A status
+/// marked inconsistent is an error too.
+fn check_qgroups(fs: &FsInfo, gathered: &Gathered, subvols: &[u64], errors: &mut Vec<String>) {
+    let Some(status) = gathered.qgroup_status else { return };
+    if status.flags & QGROUP_STATUS_FLAG_ON == 0 {
+        return;
+    }
+    if status.flags & QGROUP_STATUS_FLAG_INCONSISTENT != 0 {
+        errors.push("qgroups: the status item says inconsistent".into());
+    }
+    let mut memo = BTreeMap::new();
+    let mut counts: BTreeMap<u64, (u64, u64)> = subvols.iter().map(|&id| (id, (0, 0))).collect();
+    let mut add = |trees: &BTreeSet<u64>, bytes: u64| {
+        for tree in trees {
+            let count = counts.entry(*tree).or_default();
+            count.0 += bytes;
+            if trees.len() == 1 {
+                count.1 += bytes;
+            }
+        }
+    };
+    let mut data: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    for (&bytenr, block) in &gathered.blocks {
+        if !block.trees.iter().all(|&tree| shareable(tree)) {
+            continue;
+        }
+        let above = subvols_above(gathered, bytenr, &mut memo);
+        add(&above, u64::from(fs.nodesize));
+        for &(disk_bytenr, _, _) in gathered.leaf_extents.get(&bytenr).into_iter().flatten() {
+            data.entry(disk_bytenr).or_default().extend(above.iter().copied());
+        }
+    }
+    for (disk_bytenr, trees) in &data {
+        add(trees, gathered.data_extents.get(disk_bytenr).copied().unwrap_or(0));
+    }
+    for (&id, &(rfer, excl)) in &counts {
+        match gathered.qgroup_info.get(&id) {
+            None if subvols.contains(&id) => errors.push(format!("qgroup 0/{id}: no QGROUP_INFO item")),
+            None => {}
+            Some(info) if (info.rfer, info.excl) != (rfer, excl) => errors.push(format!(
+                "qgroup 0/{id}: QGROUP_INFO says rfer {} excl {}, the trees give rfer {rfer} excl {excl}",
+                info.rfer, info.excl
+            )),
+            Some(_) => {}
+        }
+    }
+    for (&id, info) in &gathered.qgroup_info {
+        if !counts.contains_key(&id) && (info.rfer, info.excl) != (0, 0) {
+            errors.push(format!(
+                "qgroup 0/{id}: QGROUP_INFO says rfer {} excl {} for a subvolume that is gone",
+                info.rfer, info.excl
             ));
         }
     }

@@ -24,7 +24,7 @@
 //!   COWed or chose not to COW).
 //!
 //! Departures from ctree.c, each for a reason:
-//! - No tree mod log, no qgroups; no readahead; no `nowait` paths; no
+//! - No tree mod log; no readahead; no `nowait` paths; no
 //!   commit-root searches.
 //! - `read_block_for_search` allocates the extent buffer (charging memory,
 //!   where reclaim can run) with the parent still locked, as the kernel's

@@ -92,6 +92,8 @@ pub struct DelayedRefRoot {
     /// Heads whose run ended, over the transaction's life (a lookup that
     /// searched meanwhile looks again).
     pub done: Cell<u64>,
+    /// Extents whose references changed, for qgroup accounting.
+    pub qgroup: crate::qgroup::QgroupRecords,
 }
 
 impl DelayedRefRoot {
@@ -129,6 +131,11 @@ impl DelayedRefRoot {
         last_ref: bool,
     ) {
         self.queued.set(self.queued.get() + 1);
+        let by_root = match key {
+            TreeRef::Root(root) => Some(root),
+            TreeRef::Shared { .. } => None,
+        };
+        self.qgroup.trace_tree(bytenr, level, by_root);
         let mut heads = self.heads.borrow_mut();
         let head = heads.entry(bytenr).or_insert_with(|| RefHead::new(bytenr, level));
         if allocated {
@@ -188,6 +195,11 @@ impl DelayedRefRoot {
     ) {
         let key = key.into();
         self.queued.set(self.queued.get() + 1);
+        let by_root = match key {
+            DataRef::Keyed(key) => Some(key.root),
+            DataRef::Shared { .. } => None,
+        };
+        self.qgroup.trace_data(bytenr, num_bytes, by_root);
         let mut heads = self.data_heads.borrow_mut();
         let head = heads.entry(bytenr).or_insert(DataRefHead {
             bytenr,

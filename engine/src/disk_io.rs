@@ -979,6 +979,8 @@ async fn mount_trees(env: Rc<dyn Env>, fix: FixPolicy) -> Result<Rc<FsInfo>, Err
     fs.volumes.set_backup_root_index(newest.map_or(0, |i| i + 1));
     fs.volumes.set_super_copy(sb.clone());
     *fs.roots.borrow_mut() = roots;
+    crate::qgroup::read_qgroup_config(&fs).await?;
+    crate::qgroup::switch_commit_roots(&fs);
     // btrfs_init_space_info and btrfs_add_bg_to_space_info, then the
     // block reserves.
     fs.init_space(crate::volumes::unallocated_bytes(&fs));

@@ -26,6 +26,7 @@ pub const EMLINK: i32 = 31;
 pub const ENAMETOOLONG: i32 = 36;
 pub const ENOTEMPTY: i32 = 39;
 pub const EOVERFLOW: i32 = 75;
+pub const EDQUOT: i32 = 122;
 pub const EUCLEAN: i32 = 117;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -73,6 +74,8 @@ pub enum Error {
     Efbig,
     /// An item cannot grow that much (`split_leaf` extending an item).
     Eoverflow,
+    /// A write would pass a qgroup limit.
+    Edquot,
 }
 
 impl Error {
@@ -103,6 +106,7 @@ impl Error {
             Error::Emlink => EMLINK,
             Error::Efbig => EFBIG,
             Error::Eoverflow => EOVERFLOW,
+            Error::Edquot => EDQUOT,
         }
     }
 
@@ -153,6 +157,7 @@ impl fmt::Display for Error {
             Error::Emlink => f.write_str("too many links (EMLINK)"),
             Error::Efbig => f.write_str("file too large (EFBIG)"),
             Error::Eoverflow => f.write_str("value too large for defined data type (EOVERFLOW)"),
+            Error::Edquot => f.write_str("disk quota exceeded (EDQUOT)"),
         }
     }
 }

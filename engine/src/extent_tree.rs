@@ -518,6 +518,11 @@ pub async fn drop_snapshot(handle: &TransHandle, root: &Root) -> Result<(), Erro
         if refs > 1 {
             drop_tree_ref(handle, root, bytenr, level, by);
             tree_unlock(&eb);
+            drop(eb);
+            if root.is_subvolume() {
+                // Everything below loses this root without a reference change.
+                crate::qgroup::trace_subtree(handle, bytenr, level, generation, first_key).await?;
+            }
             continue;
         }
         tree_unlock(&eb);
@@ -573,6 +578,9 @@ pub async fn drop_snapshot(handle: &TransHandle, root: &Root) -> Result<(), Erro
 pub async fn run_delayed_refs(handle: &TransHandle) -> Result<(), Error> {
     let fs = &handle.fs;
     let refs = &handle.transaction.delayed_refs;
+    // Old roots come from the extent tree as committed, before this run
+    // changes it.
+    crate::qgroup::resolve_old_roots(handle).await?;
     loop {
         let Some(head) = refs.select_head() else {
             if !refs.is_processing() {

@@ -291,7 +291,22 @@ pub async fn reserve_data_bytes(fs: &Rc<FsInfo>, bytes: u64) -> Result<(), Error
     unreachable!()
 }
 
+/// The data space and the qgroup reservation of `bytes` newly dirtied
+/// (btrfs_check_data_free_space: btrfs_alloc_data_chunk_ondemand, then
+/// btrfs_qgroup_reserve_data).
+async fn reserve_data_space(fs: &Rc<FsInfo>, bytes: u64) -> Result<(), Error> {
+    crate::qgroup::reserve_data(fs, FS_TREE_OBJECTID, bytes).await?;
+    if let Err(error) = reserve_data_bytes(fs, bytes).await {
+        crate::qgroup::free_data(fs, FS_TREE_OBJECTID, bytes);
+        return Err(error);
+    }
+    Ok(())
+}
+
+/// Give back the data space and qgroup reservation of `bytes` that no
+/// extent will hold (btrfs_free_reserved_data_space).
 fn free_data_reservation(fs: &FsInfo, bytes: u64) {
+    crate::qgroup::free_data(fs, FS_TREE_OBJECTID, bytes);
     if bytes > 0
         && let Some(space) = fs.space.get()
     {
@@ -709,7 +724,7 @@ async fn buffered_write_locked(
             }
             if not_dirty * PAGE_SIZE > data_reserved {
                 let more = not_dirty * PAGE_SIZE - data_reserved;
-                reserve_data_bytes(fs, more).await?;
+                reserve_data_space(fs, more).await?;
                 data_reserved += more;
                 continue;
             }
@@ -1195,6 +1210,7 @@ async fn finish_ordered_io(fs: &Rc<FsInfo>, oe: OrderedExtent) {
     let ok = if oe.io_error {
         cache.stats.write_errors.set(cache.stats.write_errors.get() + 1);
         free_unused_data_extent(fs, oe.disk_bytenr, oe.len);
+        crate::qgroup::free_data(fs, FS_TREE_OBJECTID, oe.len);
         release_meta(fs, oe.meta_share);
         false
     } else {
@@ -1202,8 +1218,12 @@ async fn finish_ordered_io(fs: &Rc<FsInfo>, oe: OrderedExtent) {
             Ok(handle) => {
                 charge_handle(fs, &handle, oe.meta_share);
                 let result = insert_ordered_extent(&handle, &root, &oe).await;
-                if let Err(error) = &result {
-                    abort_transaction(&handle, error, "btrfs_finish_one_ordered");
+                match &result {
+                    Ok(()) => crate::qgroup::data_written(&handle, FS_TREE_OBJECTID, oe.len),
+                    Err(error) => {
+                        crate::qgroup::free_data(fs, FS_TREE_OBJECTID, oe.len);
+                        abort_transaction(&handle, error, "btrfs_finish_one_ordered");
+                    }
                 }
                 end_transaction(handle);
                 result.is_ok()
@@ -1211,6 +1231,7 @@ async fn finish_ordered_io(fs: &Rc<FsInfo>, oe: OrderedExtent) {
             Err(_) => {
                 // Read-only after an abort: the extent is never referenced.
                 free_unused_data_extent(fs, oe.disk_bytenr, oe.len);
+                crate::qgroup::free_data(fs, FS_TREE_OBJECTID, oe.len);
                 release_meta(fs, oe.meta_share);
                 false
             }

@@ -489,6 +489,17 @@ impl Key {
         put_u64(buf, 9, self.offset);
     }
 
+    /// The smallest key after this one, if any.
+    pub fn successor(&self) -> Option<Key> {
+        if let Some(offset) = self.offset.checked_add(1) {
+            return Some(Key { offset, ..*self });
+        }
+        if let Some(item_type) = self.item_type.checked_add(1) {
+            return Some(Key { objectid: self.objectid, item_type, offset: 0 });
+        }
+        self.objectid.checked_add(1).map(|objectid| Key::new(objectid, 0, 0))
+    }
+
     pub fn to_bytes(&self) -> [u8; DISK_KEY_SIZE] {
         let mut b = [0u8; DISK_KEY_SIZE];
         self.write(&mut b);
@@ -1124,6 +1135,109 @@ impl ExtentItem {
         let mut v = vec![0u8; self.encoded_len()];
         self.write(&mut v);
         v
+    }
+}
+
+/// `struct btrfs_qgroup_status_item` without the simple-quota `enable_gen`,
+/// 32 bytes, keyed (0, QGROUP_STATUS, 0) in the quota tree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QgroupStatusItem {
+    pub version: u64,
+    /// The transaction that last wrote the qgroup items.
+    pub generation: u64,
+    /// QGROUP_STATUS_FLAG_ON, _RESCAN, _INCONSISTENT.
+    pub flags: u64,
+    /// Rescan progress (an extent bytenr); 0 when no rescan runs.
+    pub rescan: u64,
+}
+
+pub const QGROUP_STATUS_VERSION: u64 = 1;
+pub const QGROUP_STATUS_FLAG_ON: u64 = 1 << 0;
+pub const QGROUP_STATUS_FLAG_RESCAN: u64 = 1 << 1;
+pub const QGROUP_STATUS_FLAG_INCONSISTENT: u64 = 1 << 2;
+
+impl FixedItem for QgroupStatusItem {
+    const SIZE: usize = 32;
+    fn read(buf: &[u8]) -> Self {
+        QgroupStatusItem {
+            version: get_u64(buf, 0),
+            generation: get_u64(buf, 8),
+            flags: get_u64(buf, 16),
+            rescan: get_u64(buf, 24),
+        }
+    }
+    fn write(&self, buf: &mut [u8]) {
+        put_u64(buf, 0, self.version);
+        put_u64(buf, 8, self.generation);
+        put_u64(buf, 16, self.flags);
+        put_u64(buf, 24, self.rescan);
+    }
+}
+
+/// `struct btrfs_qgroup_info_item`, 40 bytes, keyed (0, QGROUP_INFO,
+/// qgroupid): bytes referenced and exclusively referenced (no compression
+/// here, so the `_cmpr` fields equal them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QgroupInfoItem {
+    pub generation: u64,
+    pub rfer: u64,
+    pub rfer_cmpr: u64,
+    pub excl: u64,
+    pub excl_cmpr: u64,
+}
+
+impl FixedItem for QgroupInfoItem {
+    const SIZE: usize = 40;
+    fn read(buf: &[u8]) -> Self {
+        QgroupInfoItem {
+            generation: get_u64(buf, 0),
+            rfer: get_u64(buf, 8),
+            rfer_cmpr: get_u64(buf, 16),
+            excl: get_u64(buf, 24),
+            excl_cmpr: get_u64(buf, 32),
+        }
+    }
+    fn write(&self, buf: &mut [u8]) {
+        put_u64(buf, 0, self.generation);
+        put_u64(buf, 8, self.rfer);
+        put_u64(buf, 16, self.rfer_cmpr);
+        put_u64(buf, 24, self.excl);
+        put_u64(buf, 32, self.excl_cmpr);
+    }
+}
+
+/// `struct btrfs_qgroup_limit_item`, 40 bytes, keyed (0, QGROUP_LIMIT,
+/// qgroupid).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct QgroupLimitItem {
+    /// QGROUP_LIMIT_MAX_RFER, QGROUP_LIMIT_MAX_EXCL.
+    pub flags: u64,
+    pub max_rfer: u64,
+    pub max_excl: u64,
+    pub rsv_rfer: u64,
+    pub rsv_excl: u64,
+}
+
+pub const QGROUP_LIMIT_MAX_RFER: u64 = 1 << 0;
+pub const QGROUP_LIMIT_MAX_EXCL: u64 = 1 << 1;
+
+impl FixedItem for QgroupLimitItem {
+    const SIZE: usize = 40;
+    fn read(buf: &[u8]) -> Self {
+        QgroupLimitItem {
+            flags: get_u64(buf, 0),
+            max_rfer: get_u64(buf, 8),
+            max_excl: get_u64(buf, 16),
+            rsv_rfer: get_u64(buf, 24),
+            rsv_excl: get_u64(buf, 32),
+        }
+    }
+    fn write(&self, buf: &mut [u8]) {
+        put_u64(buf, 0, self.flags);
+        put_u64(buf, 8, self.max_rfer);
+        put_u64(buf, 16, self.max_excl);
+        put_u64(buf, 24, self.rsv_rfer);
+        put_u64(buf, 32, self.rsv_excl);
     }
 }
 

@@ -123,6 +123,8 @@ pub struct FsInfo {
     pub volumes: crate::volumes::Volumes,
     /// Relocation trees and the relocation lock (see [`crate::relocation`]).
     pub reloc: crate::relocation::RelocControl,
+    /// Quota groups (see [`crate::qgroup`]).
+    pub qgroup: crate::qgroup::QgroupControl,
     weak: Weak<FsInfo>,
 }
 
@@ -155,6 +157,7 @@ impl FsInfo {
             page_cache: Default::default(),
             log: Default::default(),
             reloc: Default::default(),
+            qgroup: Default::default(),
             weak: weak.clone(),
         });
         env.register_shrinker(Rc::new(BtreeShrinker::new(Rc::downgrade(&fs))));

@@ -26,6 +26,7 @@ pub mod inode;
 pub mod inode_item;
 pub mod ioctl;
 pub mod locking;
+pub mod qgroup;
 pub mod relocation;
 pub mod space_info;
 pub mod transaction;

@@ -306,6 +306,7 @@ pub async fn join_transaction(fs: &Rc<FsInfo>, op: Operation) -> Result<TransHan
                 let transid = fs.trans.generation.get() + 1;
                 fs.trans.generation.set(transid);
                 let transaction = Rc::new(Transaction::new(transid));
+                transaction.delayed_refs.qgroup.tracing.set(fs.qgroup.enabled.get());
                 *fs.trans.running.borrow_mut() = Some(transaction.clone());
                 fs.env.trace(TraceEvent::Transaction { transid, state: TransState::Running.name() });
                 return Ok(new_handle(fs, transaction, op));
@@ -607,8 +608,12 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     let mut snapshotted = create_pending_snapshots(handle).await?;
     snapshotted.extend(crate::relocation::create_reloc_roots(handle).await?);
     run_delayed_refs(handle).await?;
+    crate::qgroup::rescan_in_commit(handle).await?;
+    crate::qgroup::account_extents(handle, None).await?;
+    crate::qgroup::run_qgroups(handle).await?;
     create_pending_block_groups(handle).await?;
     commit_roots(handle).await?;
+    crate::qgroup::switch_commit_roots(fs);
     // The sources' root items are written: their blocks are COWed as usual
     // again (commit_fs_roots clears FORCE_COW).
     for source in snapshotted {
@@ -657,8 +662,11 @@ async fn create_pending_snapshots(handle: &TransHandle) -> Result<Vec<Rc<Root>>,
 /// transaction (from now on its older blocks may be shared) and FORCE_COW
 /// is set; its root block is COWed, and copied by `copy_root` as the root
 /// of a new read-only tree, whose ROOT_ITEM (keyed by this transaction) is
-/// inserted in the root tree. Departure: the snapshot gets no directory
-/// entry, ROOT_REF/ROOT_BACKREF or UUID item; it is known by its id.
+/// inserted in the root tree. With quotas on, references by the new tree
+/// are not traced and the snapshot is accounted at once
+/// (`qgroup::account_snapshot`: account, inherit, commit the roots, write
+/// the dirty blocks). Departure: the snapshot gets no directory entry,
+/// ROOT_REF/ROOT_BACKREF or UUID item; it is known by its id.
 async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot) -> Result<Rc<Root>, Error> {
     let fs = &handle.fs;
     let source = fs.root(pending.source);
@@ -667,7 +675,19 @@ async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot
     let highest = fs.roots.borrow().keys().copied().filter(|&id| is_fstree(id)).max().unwrap_or(0);
     let objectid = highest.max(tree_root.highest_objectid.get()).max(FIRST_FREE_OBJECTID - 1) + 1;
     tree_root.highest_objectid.set(objectid);
-    let node = cow_source_root(handle, &source).await?;
+    crate::qgroup::set_skip(handle, objectid);
+    let made = make_snapshot(handle, &source, objectid).await;
+    crate::qgroup::clear_skip(handle);
+    made?;
+    pending.objectid.set(Some(objectid));
+    Ok(source)
+}
+
+/// The snapshot `objectid` of `source`: copy, root item, qgroup.
+async fn make_snapshot(handle: &TransHandle, source: &Rc<Root>, objectid: u64) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let tree_root = fs.root(ROOT_TREE_OBJECTID);
+    let node = cow_source_root(handle, source).await?;
     let mut item = *source.root_item.borrow();
     item.flags |= ROOT_SUBVOL_RDONLY;
     item.parent_uuid = item.uuid;
@@ -686,9 +706,8 @@ async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot
     let bytes = snapshot.root_item.borrow().to_bytes();
     insert_item(handle, &tree_root, &key, &bytes).await?;
     fs.roots.borrow_mut().insert(objectid, snapshot);
-    pending.objectid.set(Some(objectid));
-    fs.env.trace(TraceEvent::Note { what: "snapshot", a: pending.source, b: objectid, c: copy.start });
-    Ok(source)
+    fs.env.trace(TraceEvent::Note { what: "snapshot", a: source.objectid, b: objectid, c: copy.start });
+    crate::qgroup::account_snapshot(handle, source, objectid).await
 }
 
 /// The commit's first step in copying the tree `source` (a snapshot or a
@@ -812,7 +831,7 @@ async fn write_dirty_block_groups(handle: &TransHandle) -> Result<bool, Error> {
 /// commit_fs_roots and the loop of commit_cowonly_roots). The root tree
 /// itself is COWed in every commit: the super block names its root with
 /// the committing generation.
-async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
+pub(crate) async fn commit_roots(handle: &TransHandle) -> Result<(), Error> {
     let fs = &handle.fs;
     for round in 0..COMMIT_ROUNDS_MAX {
         if round > 0 && round % 16 == 0 {
