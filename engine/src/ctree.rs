@@ -105,6 +105,8 @@ pub struct Root {
     pub dirty: Cell<bool>,
     /// Highest inode number in use (fs trees).
     pub highest_objectid: Cell<u64>,
+    /// A deletion of this snapshot is under way.
+    pub deleting: Cell<bool>,
 }
 
 impl Root {
@@ -119,6 +121,7 @@ impl Root {
             root_key_offset: Cell::new(0),
             dirty: Cell::new(false),
             highest_objectid: Cell::new(0),
+            deleting: Cell::new(false),
         })
     }
 

@@ -489,17 +489,6 @@ impl Key {
         put_u64(buf, 9, self.offset);
     }
 
-    /// The smallest key after this one, if any.
-    pub fn successor(&self) -> Option<Key> {
-        if let Some(offset) = self.offset.checked_add(1) {
-            return Some(Key { offset, ..*self });
-        }
-        if let Some(item_type) = self.item_type.checked_add(1) {
-            return Some(Key { objectid: self.objectid, item_type, offset: 0 });
-        }
-        self.objectid.checked_add(1).map(|objectid| Key::new(objectid, 0, 0))
-    }
-
     pub fn to_bytes(&self) -> [u8; DISK_KEY_SIZE] {
         let mut b = [0u8; DISK_KEY_SIZE];
         self.write(&mut b);

@@ -60,19 +60,25 @@ async fn do_delete_snapshot(fs: &Rc<FsInfo>, objectid: u64) -> Result<(), Error>
     // A relocation may be swapping blocks into the tree.
     let _cleaner = crate::relocation::lock_cleaner(fs).await;
     let root = fs.roots.borrow().get(&objectid).cloned().ok_or(Error::Enoent)?;
+    if root.deleting.get() {
+        return Err(Error::Enoent);
+    }
     if root.root_item.borrow().flags & ROOT_SUBVOL_RDONLY == 0 || root.root_key_offset.get() == 0 {
         return Err(Error::Einval);
     }
-    // Out of the roots first: a second deletion finds nothing, and the
-    // commit no longer writes its root item.
-    fs.roots.borrow_mut().remove(&objectid);
+    // A second deletion finds nothing from now on.
+    root.deleting.set(true);
     let handle = match start_transaction(fs, &root, 1, "snapshot_delete").await {
         Ok(handle) => handle,
         Err(error) => {
-            fs.roots.borrow_mut().insert(objectid, root);
+            root.deleting.set(false);
             return Err(error);
         }
     };
+    // Out of the roots in the transaction that drops it: every commit
+    // before this one still has the tree (its root item, its references),
+    // and so do the trees qgroups read (the old roots of this transaction).
+    fs.roots.borrow_mut().remove(&objectid);
     let result = async {
         let tree_root = fs.root(ROOT_TREE_OBJECTID);
         let key = Key { objectid, item_type: ROOT_ITEM_KEY, offset: root.root_key_offset.get() };

@@ -62,7 +62,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
-use crate::accessors::{header_nritems, item_data, item_key, node_blockptr};
+use crate::accessors::{header_nritems, item_data, item_key, node_blockptr, node_key};
 use crate::ctree::{Path, Root, bin_search, insert_item, read_node_slot, search_slot};
 use crate::disk_io::for_each_leaf_item;
 use crate::env::Violation;
@@ -201,8 +201,13 @@ pub struct QgroupRecords {
 }
 
 impl QgroupRecords {
+    /// Record `bytenr`. A block allocated and freed in this transaction may
+    /// come back at another level: the record takes the latest, which is
+    /// what the new roots are looked up by (the old roots of such a block
+    /// are none at any level; a block of the commit roots is pinned when
+    /// freed, never reused within the transaction).
     fn record(&self, bytenr: u64, kind: ExtentKind) {
-        self.extents.borrow_mut().entry(bytenr).or_insert(Record { kind, old_roots: None });
+        self.extents.borrow_mut().entry(bytenr).or_insert(Record { kind, old_roots: None }).kind = kind;
     }
 
     /// A reference change of a tree block by `root` (None: by a parent).
@@ -286,13 +291,28 @@ impl<'a> Walker<'a> {
 
     /// The block at `level` on the path to `key` in the tree rooted at `root`.
     async fn block_above(&self, root: BlockPtr, key: &Key, level: u8) -> Result<Rc<ExtentBuffer>, Error> {
+        Ok(self.path_to(root, key, level).await?.0)
+    }
+
+    /// [`Self::block_above`], and the first key of the block after it at
+    /// that level (None: it is the last).
+    async fn path_to(
+        &self,
+        root: BlockPtr,
+        key: &Key,
+        level: u8,
+    ) -> Result<(Rc<ExtentBuffer>, Option<Key>), Error> {
         let mut eb = self.read(root).await?;
+        let mut next = None;
         while eb.level() > level {
             let (found, slot) = bin_search(&eb, 0, key);
             let slot = if found || slot == 0 { slot } else { slot - 1 };
+            if slot + 1 < eb.nritems() as usize {
+                next = Some(node_key(&eb.data.borrow(), slot + 1));
+            }
             eb = read_node_slot(self.fs, &eb, slot).await?;
         }
-        Ok(eb)
+        Ok((eb, next))
     }
 
     /// The subvolumes that reach the tree block `bytenr` (level `level`).
@@ -396,10 +416,14 @@ impl<'a> Walker<'a> {
     ) -> Result<Vec<u64>, Error> {
         let mut leaves = Vec::new();
         let mut found = 0u32;
-        let mut key = Key { objectid: ino, item_type: EXTENT_DATA_KEY, offset };
+        // A reference offset that underflowed (a file extent starting before
+        // its extent's data) is looked for from the inode's first extent, as
+        // resolve_indirect_ref does.
+        let from = if offset >= i64::MAX as u64 { 0 } else { offset };
+        let mut key = Key { objectid: ino, item_type: EXTENT_DATA_KEY, offset: from };
         let last = Key { objectid: ino, item_type: EXTENT_DATA_KEY, offset: u64::MAX };
         while found < count {
-            let leaf = self.leaf_for(top, &key).await?;
+            let (leaf, next) = self.path_to(top, &key, 0).await?;
             let (_, first) = bin_search(&leaf, 0, &key);
             let data = leaf.data.borrow();
             let nritems = header_nritems(&data) as usize;
@@ -418,7 +442,6 @@ impl<'a> Walker<'a> {
                     holds = true;
                 }
             }
-            let next = (nritems > 0).then(|| item_key(&data, nritems - 1)).and_then(|k| k.successor());
             drop(data);
             if holds {
                 leaves.push(leaf.start);
@@ -620,6 +643,10 @@ pub async fn account_snapshot(handle: &TransHandle, source: &Rc<Root>, objectid:
     inherit(fs, source.objectid, objectid);
     // commit_cowonly_roots, switch_commit_roots, btrfs_write_and_wait_transaction.
     run_qgroups(handle).await?;
+    // The block group items of chunks allocated so far exist before the
+    // root items and block groups are written (the kernel inserts them as
+    // each handle ends).
+    crate::transaction::create_pending_block_groups(handle).await?;
     crate::transaction::commit_roots(handle).await?;
     switch_commit_roots(fs);
     let dirty: Vec<u64> = handle.transaction.dirty_ebs.borrow().iter().copied().collect();
@@ -819,33 +846,7 @@ pub async fn rescan_in_commit(handle: &TransHandle) -> Result<(), Error> {
         return Ok(());
     }
     let view = View::current(fs);
-    // Extent -> (bytes, subvolumes reaching it).
-    let mut reached: BTreeMap<u64, (u64, BTreeSet<u64>)> = BTreeMap::new();
-    let nodesize = u64::from(fs.nodesize);
-    for (&tree, &top) in &view.subvols {
-        let mut stack =
-            vec![read_tree_block_verified(fs, top.bytenr, 0, top.level, top.generation, None).await?];
-        while let Some(eb) = stack.pop() {
-            reached.entry(eb.start).or_insert((nodesize, BTreeSet::new())).1.insert(tree);
-            let nritems = eb.nritems() as usize;
-            if eb.level() > 0 {
-                for slot in 0..nritems {
-                    stack.push(read_node_slot(fs, &eb, slot).await?);
-                }
-                continue;
-            }
-            let data = eb.data.borrow();
-            for slot in 0..nritems {
-                if item_key(&data, slot).item_type == EXTENT_DATA_KEY
-                    && let Ok(item) = FileExtentItem::read(item_data(&data, slot))
-                    && let FileExtentBody::Regular { disk_bytenr, disk_num_bytes, .. } = item.body
-                    && disk_bytenr != 0
-                {
-                    reached.entry(disk_bytenr).or_insert((disk_num_bytes, BTreeSet::new())).1.insert(tree);
-                }
-            }
-        }
-    }
+    let reached = reach(fs, &view).await?;
     let mut groups: BTreeMap<u64, Qgroup> =
         view.subvols.keys().map(|&tree| (tree, Qgroup::default())).collect();
     for (bytes, trees) in reached.values() {
@@ -873,6 +874,38 @@ pub async fn rescan_in_commit(handle: &TransHandle) -> Result<(), Error> {
     fs.qgroup.status_flags.set(QGROUP_STATUS_FLAG_ON);
     fs.qgroup.enabled.set(true);
     Ok(())
+}
+
+/// Every tree block and data extent the subvolumes of `view` reach, with
+/// its length and the subvolumes reaching it.
+async fn reach(fs: &FsInfo, view: &View) -> Result<BTreeMap<u64, (u64, BTreeSet<u64>)>, Error> {
+    let mut reached: BTreeMap<u64, (u64, BTreeSet<u64>)> = BTreeMap::new();
+    let nodesize = u64::from(fs.nodesize);
+    for (&tree, &top) in &view.subvols {
+        let mut stack =
+            vec![read_tree_block_verified(fs, top.bytenr, 0, top.level, top.generation, None).await?];
+        while let Some(eb) = stack.pop() {
+            reached.entry(eb.start).or_insert((nodesize, BTreeSet::new())).1.insert(tree);
+            let nritems = eb.nritems() as usize;
+            if eb.level() > 0 {
+                for slot in 0..nritems {
+                    stack.push(read_node_slot(fs, &eb, slot).await?);
+                }
+                continue;
+            }
+            let data = eb.data.borrow();
+            for slot in 0..nritems {
+                if item_key(&data, slot).item_type == EXTENT_DATA_KEY
+                    && let Ok(item) = FileExtentItem::read(item_data(&data, slot))
+                    && let FileExtentBody::Regular { disk_bytenr, disk_num_bytes, .. } = item.body
+                    && disk_bytenr != 0
+                {
+                    reached.entry(disk_bytenr).or_insert((disk_num_bytes, BTreeSet::new())).1.insert(tree);
+                }
+            }
+        }
+    }
+    Ok(reached)
 }
 
 /// `btrfs_limit_qgroup`: limit what the subvolume `objectid` references

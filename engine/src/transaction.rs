@@ -766,7 +766,7 @@ fn subvol_uuid(fs: &FsInfo, objectid: u64) -> [u8; UUID_SIZE] {
 /// Insert the chunk, device extent and block group items of the chunks
 /// allocated in this transaction, and the device item's new bytes_used
 /// (kernel: btrfs_create_pending_block_groups, btrfs_finish_chunk_alloc).
-async fn create_pending_block_groups(handle: &TransHandle) -> Result<(), Error> {
+pub(crate) async fn create_pending_block_groups(handle: &TransHandle) -> Result<(), Error> {
     let fs = &handle.fs;
     let pending = fs.volumes.take_pending_chunks();
     if pending.is_empty() {

@@ -57,6 +57,11 @@ struct Params {
     /// absent in seed files older than relocation: none).
     #[serde(default)]
     balance_percent: u32,
+    /// Quotas on from the start, the fs tree limited to what it references
+    /// after setup plus this many bytes (absent in seed files older than
+    /// quotas: quotas off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    quota_headroom_bytes: Option<u64>,
     nodesize: u32,
     device_bytes: u64,
     power_loss_after_ns: u64,
@@ -108,6 +113,7 @@ fn draw_params(seed: u64) -> (Params, u64) {
         // Not drawn: swarm seeds stay what they were; the snapshot variant
         // balances.
         balance_percent: 0,
+        quota_headroom_bytes: None,
     };
     (params, high_bytes)
 }
@@ -134,28 +140,60 @@ impl Scenario for FsstressSnapshots {
     }
 
     fn configure(&self, seed: u64) -> serde_json::Value {
-        let (base, high_bytes) = draw_params(seed);
-        let params = Params {
-            snapshot_percent: 20,
-            balance_percent: BALANCE_PERCENT,
-            // Trees of more than one level, so that snapshots share more than
-            // a root: many names, 4 KiB nodes, and the power cut later.
-            names: 40,
-            nodesize: 4096,
-            ops_per_task: 120,
-            power_loss_after_ns: base.power_loss_after_ns * SNAPSHOT_POWER_LOSS_FACTOR,
-            // Files of at most 64 KiB and a budget of at least 2 MiB: reading
-            // forty 256 KiB files back through a 512 KiB page cache after the
-            // crash takes longer than the progress timeout (seed 242).
-            max_file_bytes: base.max_file_bytes.min(64 << 10),
-            world: memory_world(high_bytes.max(2 << 20)),
-            ..base
-        };
+        serde_json::to_value(snapshot_params(seed)).expect("params serialize")
+    }
+
+    fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
+        Fsstress.start(context)
+    }
+}
+
+/// `fsstress-snapshots` with quotas: every commit accounts what each
+/// subvolume references, snapshots are accounted mid-commit, and the fs
+/// tree's limit makes some writes fail with EDQUOT.
+pub struct FsstressQuota;
+
+impl Scenario for FsstressQuota {
+    fn name(&self) -> &'static str {
+        "fsstress-quota"
+    }
+
+    fn description(&self) -> &'static str {
+        "fsstress-snapshots with quota groups on and the fs tree limited: counts checked on every committed image, EDQUOT"
+    }
+
+    fn configure(&self, seed: u64) -> serde_json::Value {
+        let mut rng = stream(seed, "scenario.quota");
+        // The fs tree of these runs references well under a megabyte: a
+        // tight limit refuses some writes, a loose one none.
+        let headroom = [64u64 << 10, 256 << 10, 1 << 20][rng.random_range(0..3)];
+        let params = Params { quota_headroom_bytes: Some(headroom), ..snapshot_params(seed) };
         serde_json::to_value(params).expect("params serialize")
     }
 
     fn start(&self, context: StartContext) -> Result<Box<dyn ScenarioRun>, String> {
         Fsstress.start(context)
+    }
+}
+
+/// The parameters of `fsstress-snapshots` for `seed`.
+fn snapshot_params(seed: u64) -> Params {
+    let (base, high_bytes) = draw_params(seed);
+    Params {
+        snapshot_percent: 20,
+        balance_percent: BALANCE_PERCENT,
+        // Trees of more than one level, so that snapshots share more than
+        // a root: many names, 4 KiB nodes, and the power cut later.
+        names: 40,
+        nodesize: 4096,
+        ops_per_task: 120,
+        power_loss_after_ns: base.power_loss_after_ns * SNAPSHOT_POWER_LOSS_FACTOR,
+        // Files of at most 64 KiB and a budget of at least 2 MiB: reading
+        // forty 256 KiB files back through a 512 KiB page cache after the
+        // crash takes longer than the progress timeout (seed 242).
+        max_file_bytes: base.max_file_bytes.min(64 << 10),
+        world: memory_world(high_bytes.max(2 << 20)),
+        ..base
     }
 }
 
@@ -191,6 +229,8 @@ struct State {
     snapshots_deleted: u64,
     balances: u64,
     balances_enospc: u64,
+    /// Writes, truncates and punches refused with EDQUOT.
+    edquot: u64,
     writes: u64,
     reads: u64,
     stopped: bool,
@@ -215,6 +255,12 @@ async fn setup(env: Rc<dyn Env>, fix: FixPolicy, params: Params, seed: u64, stat
         env.report_violation(Violation { kind: "fsstress_model", message: format!("setup sync: {error}") });
         return;
     }
+    if let Some(headroom) = params.quota_headroom_bytes
+        && let Err(error) = limit_fs_tree(&fs, headroom).await
+    {
+        env.report_violation(Violation { kind: "fsstress_model", message: format!("setup quotas: {error}") });
+        return;
+    }
     {
         let mut state = state.borrow_mut();
         state.fs = Some(fs.clone());
@@ -225,6 +271,16 @@ async fn setup(env: Rc<dyn Env>, fix: FixPolicy, params: Params, seed: u64, stat
         let worker = work(env.clone(), fs.clone(), params.clone(), task, rng, state.clone());
         env.spawn(&format!("fsstress-{task}"), TaskKind::Workload, Box::pin(worker));
     }
+}
+
+/// Enable quotas and limit what the fs tree references to what it does now
+/// plus `headroom` bytes.
+async fn limit_fs_tree(fs: &Rc<FsInfo>, headroom: u64) -> Result<(), Error> {
+    engine::qgroup::quota_enable(fs).await?;
+    let fs_tree = engine::format::FS_TREE_OBJECTID;
+    let used = fs.qgroup.groups.borrow().get(&fs_tree).map_or(0, |group| group.rfer);
+    engine::qgroup::limit_qgroup(fs, fs_tree, Some(used + headroom), None).await?;
+    engine::file::sync_fs(fs).await
 }
 
 enum Action {
@@ -296,6 +352,44 @@ fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
     }
 }
 
+/// A hole punch refused with EDQUOT zeroes nothing, or only the partial
+/// page at its start (zeroed before the one at its end was refused): the
+/// file must read as one of the two, and the model takes the one it is.
+async fn punch_refused(
+    fs: &Rc<FsInfo>,
+    state: &RefCell<State>,
+    path: &str,
+    ino: u64,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
+    let unchanged = state.borrow().files.get(path).expect("the file exists").content.clone();
+    // The first range punch_hole zeroes through the page cache.
+    let end = (unchanged.len() as u64).min(offset.saturating_add(len));
+    let (full_start, full_end) = (offset.next_multiple_of(PAGE_BYTES), end / PAGE_BYTES * PAGE_BYTES);
+    let head_end =
+        if full_start >= full_end { end.min((offset + 1).next_multiple_of(PAGE_BYTES)) } else { full_start };
+    let mut head_zeroed = unchanged.clone();
+    if offset < head_end {
+        head_zeroed[offset as usize..head_end as usize].fill(0);
+    }
+    let got = engine::file::read(fs, ino, 0, unchanged.len() as u64)
+        .await
+        .map_err(|e| format!("read {path} after a refused punch: {e}"))?;
+    if got != unchanged && got != head_zeroed {
+        return Err(format!(
+            "punch {path} at {offset} refused with EDQUOT left neither the old content nor its head zeroed"
+        ));
+    }
+    let mut state = state.borrow_mut();
+    state.edquot += 1;
+    state.files.get_mut(path).expect("the file exists").content = got;
+    Ok(())
+}
+
+/// The page cache's page size.
+const PAGE_BYTES: u64 = 4096;
+
 fn report(env: &dyn Env, state: &RefCell<State>, message: String) {
     env.report_violation(Violation { kind: "fsstress_model", message });
     state.borrow_mut().stopped = true;
@@ -353,7 +447,15 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
             }
             let ino = resolve_file(path.clone()).await?;
             let data = vec![byte; len as usize];
-            write(fs, ino, offset, &data).await.map_err(|e| format!("write {path} {offset}+{len}: {e}"))?;
+            match write(fs, ino, offset, &data).await {
+                Ok(()) => {}
+                // Refused whole: nothing was copied.
+                Err(Error::Edquot) => {
+                    state.borrow_mut().edquot += 1;
+                    return Ok(());
+                }
+                Err(e) => return Err(format!("write {path} {offset}+{len}: {e}")),
+            }
             let mut state = state.borrow_mut();
             state.writes += 1;
             let model = state.files.get_mut(&path).expect("the file exists");
@@ -369,7 +471,15 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
                 return Ok(());
             }
             let ino = resolve_file(path.clone()).await?;
-            truncate(fs, ino, size).await.map_err(|e| format!("truncate {path} to {size}: {e}"))?;
+            match truncate(fs, ino, size).await {
+                Ok(()) => {}
+                // Zeroing the partial last page was refused before the size changed.
+                Err(Error::Edquot) => {
+                    state.borrow_mut().edquot += 1;
+                    return Ok(());
+                }
+                Err(e) => return Err(format!("truncate {path} to {size}: {e}")),
+            }
             let mut state = state.borrow_mut();
             state.files.get_mut(&path).expect("the file exists").content.resize(size as usize, 0);
             Ok(())
@@ -379,9 +489,11 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
                 return Ok(());
             }
             let ino = resolve_file(path.clone()).await?;
-            punch_hole(fs, ino, offset, len)
-                .await
-                .map_err(|e| format!("punch {path} {offset}+{len}: {e}"))?;
+            match punch_hole(fs, ino, offset, len).await {
+                Ok(()) => {}
+                Err(Error::Edquot) => return punch_refused(fs, state, &path, ino, offset, len).await,
+                Err(e) => return Err(format!("punch {path} {offset}+{len}: {e}")),
+            }
             let mut state = state.borrow_mut();
             let model = state.files.get_mut(&path).expect("the file exists");
             let end = ((offset + len) as usize).min(model.content.len());
@@ -705,6 +817,22 @@ impl ScenarioRun for FsstressRun {
                 "done": state.balances, "enospc": state.balances_enospc,
                 "blocks_moved": moved.blocks_moved, "blocks_repointed": moved.blocks_repointed,
                 "swaps": moved.swaps, "reloc_trees": moved.reloc_trees,
+            });
+        }
+        if self.params.quota_headroom_bytes.is_some()
+            && let Some(fs) = &state.fs
+        {
+            let q = &fs.qgroup.stats;
+            let fs_tree = fs.qgroup.groups.borrow().get(&engine::format::FS_TREE_OBJECTID).cloned();
+            stats["quota"] = serde_json::json!({
+                "edquot": state.edquot,
+                "accounted": q.accounted.get(),
+                "changed": q.changed.get(),
+                "walked_blocks": q.walked_blocks.get(),
+                "subtree_traced": q.subtree_traced.get(),
+                "snapshots": q.snapshots.get(),
+                "fs_rfer": fs_tree.as_ref().map_or(0, |g| g.rfer),
+                "fs_excl": fs_tree.as_ref().map_or(0, |g| g.excl),
             });
         }
         stats["writes"] = state.writes.into();

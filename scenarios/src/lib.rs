@@ -76,6 +76,7 @@ pub fn all() -> Vec<Box<dyn Scenario>> {
         Box::new(fs_workload::FsWorkload),
         Box::new(fsstress::Fsstress),
         Box::new(fsstress::FsstressSnapshots),
+        Box::new(fsstress::FsstressQuota),
     ]
 }
 

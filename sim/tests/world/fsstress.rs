@@ -118,3 +118,30 @@ fn fsstress_with_snapshots_and_balance_keeps_shared_references_exact_over_300_se
         "balances {balances}, swaps {swaps}, repointed {repointed}"
     );
 }
+
+/// `fsstress-quota`: quotas on, the fs tree limited. Every image the power
+/// cut leaves (and every one after log replay) has each subvolume's qgroup
+/// counts equal to what its trees reach (check), over snapshots taken and
+/// dropped, relocation and writes refused with EDQUOT.
+#[test]
+fn fsstress_with_quotas_keeps_every_subvolume_count_exact_over_300_seeds() {
+    const QUOTA_SEEDS: u64 = 300;
+    let (mut edquot, mut changed, mut snapshots, mut subtree) = (0, 0, 0, 0);
+    let failures = run_seeds("fsstress-quota", 0..QUOTA_SEEDS, |result| {
+        let quota = &result.stats["scenario"]["quota"];
+        edquot += quota["edquot"].as_u64().unwrap_or(0);
+        changed += quota["changed"].as_u64().unwrap_or(0);
+        snapshots += quota["snapshots"].as_u64().unwrap_or(0);
+        subtree += quota["subtree_traced"].as_u64().unwrap_or(0);
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {QUOTA_SEEDS} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(snapshots >= QUOTA_SEEDS, "only {snapshots} snapshots accounted by inheritance");
+    assert!(changed >= 100 * QUOTA_SEEDS, "only {changed} extents changed their roots");
+    assert!(subtree >= QUOTA_SEEDS, "snapshot drops traced only {subtree} skipped blocks");
+    assert!(edquot >= QUOTA_SEEDS, "only {edquot} operations refused with EDQUOT");
+}
