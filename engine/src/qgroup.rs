@@ -178,6 +178,17 @@ pub enum ExtentKind {
     Data { num_bytes: u64 },
 }
 
+impl ExtentKind {
+    /// What the extent counts for: a tree block its nodesize, a data
+    /// extent its whole length.
+    fn bytes(self, nodesize: u64) -> u64 {
+        match self {
+            ExtentKind::Tree { .. } => nodesize,
+            ExtentKind::Data { num_bytes } => num_bytes,
+        }
+    }
+}
+
 /// One extent traced in a transaction (kernel: struct
 /// btrfs_qgroup_extent_record).
 #[derive(Clone, Debug)]
@@ -516,11 +527,7 @@ pub async fn account_extents(handle: &TransHandle, skip: Option<u64>) -> Result<
             continue;
         }
         stats.changed.set(stats.changed.get() + 1);
-        let num_bytes = match record.kind {
-            ExtentKind::Tree { .. } => u64::from(fs.nodesize),
-            ExtentKind::Data { num_bytes } => num_bytes,
-        };
-        update_counters(fs, bytenr, num_bytes, &old_roots, &new_roots);
+        update_counters(fs, bytenr, record.kind.bytes(u64::from(fs.nodesize)), &old_roots, &new_roots);
     }
     // The commit has counted what the finished writes wrote.
     let done = std::mem::take(&mut *handle.transaction.delayed_refs.qgroup.data_rsv_done.borrow_mut());
@@ -581,6 +588,37 @@ pub fn switch_commit_roots(fs: &FsInfo) {
     *fs.qgroup.commit_view.borrow_mut() = View::current(fs);
 }
 
+/// Visit every block of the subtree under `top` and every data extent its
+/// leaves' file extents name (as often as they are named).
+async fn walk_subtree(
+    fs: &FsInfo,
+    top: Rc<ExtentBuffer>,
+    mut visit: impl FnMut(u64, ExtentKind),
+) -> Result<(), Error> {
+    let mut stack = vec![top];
+    while let Some(eb) = stack.pop() {
+        visit(eb.start, ExtentKind::Tree { level: eb.level() });
+        let nritems = eb.nritems() as usize;
+        if eb.level() > 0 {
+            for slot in 0..nritems {
+                stack.push(read_node_slot(fs, &eb, slot).await?);
+            }
+            continue;
+        }
+        let data = eb.data.borrow();
+        for slot in 0..nritems {
+            if item_key(&data, slot).item_type == EXTENT_DATA_KEY
+                && let Ok(item) = FileExtentItem::read(item_data(&data, slot))
+                && let FileExtentBody::Regular { disk_bytenr, disk_num_bytes, .. } = item.body
+                && disk_bytenr != 0
+            {
+                visit(disk_bytenr, ExtentKind::Data { num_bytes: disk_num_bytes });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `btrfs_qgroup_trace_subtree`: record every block and data extent under
 /// the block `bytenr` of a dropped subvolume that another tree still
 /// references: the subtree loses a root with no reference change below
@@ -598,29 +636,13 @@ pub async fn trace_subtree(
     }
     let fs = &handle.fs;
     let top = read_tree_block_verified(fs, bytenr, 0, level, generation, first_key).await?;
-    let mut stack = vec![top];
-    while let Some(eb) = stack.pop() {
-        fs.qgroup.stats.subtree_traced.set(fs.qgroup.stats.subtree_traced.get() + 1);
-        records.record(eb.start, ExtentKind::Tree { level: eb.level() });
-        let nritems = eb.nritems() as usize;
-        if eb.level() == 0 {
-            let data = eb.data.borrow();
-            for slot in 0..nritems {
-                if item_key(&data, slot).item_type == EXTENT_DATA_KEY
-                    && let Ok(item) = FileExtentItem::read(item_data(&data, slot))
-                    && let FileExtentBody::Regular { disk_bytenr, disk_num_bytes, .. } = item.body
-                    && disk_bytenr != 0
-                {
-                    records.record(disk_bytenr, ExtentKind::Data { num_bytes: disk_num_bytes });
-                }
-            }
-            continue;
+    walk_subtree(fs, top, |bytenr, kind| {
+        if let ExtentKind::Tree { .. } = kind {
+            fs.qgroup.stats.subtree_traced.set(fs.qgroup.stats.subtree_traced.get() + 1);
         }
-        for slot in 0..nritems {
-            stack.push(read_node_slot(fs, &eb, slot).await?);
-        }
-    }
-    Ok(())
+        records.record(bytenr, kind);
+    })
+    .await
 }
 
 /// `qgroup_account_snapshot`, called by the commit once the snapshot
@@ -882,28 +904,11 @@ async fn reach(fs: &FsInfo, view: &View) -> Result<BTreeMap<u64, (u64, BTreeSet<
     let mut reached: BTreeMap<u64, (u64, BTreeSet<u64>)> = BTreeMap::new();
     let nodesize = u64::from(fs.nodesize);
     for (&tree, &top) in &view.subvols {
-        let mut stack =
-            vec![read_tree_block_verified(fs, top.bytenr, 0, top.level, top.generation, None).await?];
-        while let Some(eb) = stack.pop() {
-            reached.entry(eb.start).or_insert((nodesize, BTreeSet::new())).1.insert(tree);
-            let nritems = eb.nritems() as usize;
-            if eb.level() > 0 {
-                for slot in 0..nritems {
-                    stack.push(read_node_slot(fs, &eb, slot).await?);
-                }
-                continue;
-            }
-            let data = eb.data.borrow();
-            for slot in 0..nritems {
-                if item_key(&data, slot).item_type == EXTENT_DATA_KEY
-                    && let Ok(item) = FileExtentItem::read(item_data(&data, slot))
-                    && let FileExtentBody::Regular { disk_bytenr, disk_num_bytes, .. } = item.body
-                    && disk_bytenr != 0
-                {
-                    reached.entry(disk_bytenr).or_insert((disk_num_bytes, BTreeSet::new())).1.insert(tree);
-                }
-            }
-        }
+        let top = read_tree_block_verified(fs, top.bytenr, 0, top.level, top.generation, None).await?;
+        walk_subtree(fs, top, |bytenr, kind| {
+            reached.entry(bytenr).or_insert((kind.bytes(nodesize), BTreeSet::new())).1.insert(tree);
+        })
+        .await?;
     }
     Ok(reached)
 }
@@ -1022,7 +1027,7 @@ mod tests {
     use super::*;
     use crate::file::{sync_fs, truncate, write};
     use crate::format::FS_TREE_OBJECTID;
-    use crate::inode::testing::{check_clean, crash_and_mount, mount, mount_with, populate, run};
+    use crate::inode::testing::{check_clean, crash_and_mount, mount, populate, run};
     use crate::inode::{ROOT_DIR_INO, create, unlink};
     use crate::ioctl::{create_snapshot, delete_snapshot};
 
@@ -1032,6 +1037,28 @@ mod tests {
 
     fn enable(env: &crate::testenv::TestEnv, fs: &Rc<FsInfo>) {
         run(env, fs, |fs| async move { quota_enable(&fs).await }).unwrap();
+    }
+
+    /// A filesystem with `files` files and quotas on.
+    fn quota_fs(files: usize) -> (Rc<crate::testenv::TestEnv>, Rc<FsInfo>) {
+        let (env, fs) = mount();
+        populate(&env, &fs, files);
+        enable(&env, &fs);
+        (env, fs)
+    }
+
+    /// A snapshot of the fs tree; its id.
+    fn snapshot(env: &crate::testenv::TestEnv, fs: &Rc<FsInfo>) -> u64 {
+        run(env, fs, |fs| async move { create_snapshot(&fs, FS_TREE_OBJECTID).await }).unwrap()
+    }
+
+    /// Delete the snapshot `id` and commit.
+    fn delete(env: &crate::testenv::TestEnv, fs: &Rc<FsInfo>, id: u64) {
+        run(env, fs, move |fs| async move {
+            delete_snapshot(&fs, id).await?;
+            sync_fs(&fs).await
+        })
+        .unwrap();
     }
 
     /// Rewrite every tenth file and add a few, then commit.
@@ -1059,9 +1086,7 @@ mod tests {
 
     #[test]
     fn enabling_counts_the_fs_tree_and_every_commit_keeps_the_counts_exact() {
-        let (env, fs) = mount();
-        populate(&env, &fs, 300);
-        enable(&env, &fs);
+        let (env, fs) = quota_fs(300);
         let first = group(&fs, FS_TREE_OBJECTID);
         assert!(first.rfer > 300 * 8192, "300 data extents and the tree: {first:?}");
         assert_eq!(first.rfer, first.excl, "nothing is shared without snapshots");
@@ -1086,11 +1111,9 @@ mod tests {
 
     #[test]
     fn a_snapshot_inherits_its_source_and_shared_bytes_stop_being_exclusive() {
-        let (env, fs) = mount();
-        populate(&env, &fs, 300);
-        enable(&env, &fs);
+        let (env, fs) = quota_fs(300);
         churn(&env, &fs, 1);
-        let id = run(&env, &fs, |fs| async move { create_snapshot(&fs, FS_TREE_OBJECTID).await }).unwrap();
+        let id = snapshot(&env, &fs);
         let (source, snapshot) = (group(&fs, FS_TREE_OBJECTID), group(&fs, id));
         let nodesize = u64::from(fs.nodesize);
         assert_eq!(snapshot.rfer, source.rfer, "the snapshot references what its source does");
@@ -1106,11 +1129,7 @@ mod tests {
         assert!(group(&fs, id).excl > nodesize, "what the source replaced is the snapshot's alone now");
         check_clean(&env);
         // Dropping the snapshot hands everything back to the source.
-        run(&env, &fs, move |fs| async move {
-            delete_snapshot(&fs, id).await?;
-            sync_fs(&fs).await
-        })
-        .unwrap();
+        delete(&env, &fs, id);
         let alone = group(&fs, FS_TREE_OBJECTID);
         assert_eq!(alone.rfer, alone.excl, "nothing is shared any more");
         assert_eq!((group(&fs, id).rfer, group(&fs, id).excl), (0, 0));
@@ -1119,23 +1138,14 @@ mod tests {
     }
 
     #[test]
-    fn snapshots_of_snapshots_and_a_crash_keep_the_counts_of_the_committed_image() {
-        let (env, fs) = mount();
-        populate(&env, &fs, 300);
-        enable(&env, &fs);
+    fn snapshots_a_deletion_and_a_crash_keep_the_counts_of_the_committed_image() {
+        let (env, fs) = quota_fs(300);
         let mut ids = Vec::new();
         for round in 1..=3 {
             churn(&env, &fs, round);
-            ids.push(
-                run(&env, &fs, |fs| async move { create_snapshot(&fs, FS_TREE_OBJECTID).await }).unwrap(),
-            );
+            ids.push(snapshot(&env, &fs));
         }
-        let middle = ids[1];
-        run(&env, &fs, move |fs| async move {
-            delete_snapshot(&fs, middle).await?;
-            sync_fs(&fs).await
-        })
-        .unwrap();
+        delete(&env, &fs, ids[1]);
         check_clean(&env);
         // Work that is not committed when the power goes.
         run(&env, &fs, |fs| async move {
@@ -1153,9 +1163,7 @@ mod tests {
 
     #[test]
     fn a_write_past_the_referenced_limit_fails_with_edquot_until_space_is_freed() {
-        let (env, fs) = mount();
-        populate(&env, &fs, 20);
-        enable(&env, &fs);
+        let (env, fs) = quota_fs(20);
         let used = group(&fs, FS_TREE_OBJECTID).rfer;
         run(&env, &fs, move |fs| async move {
             limit_qgroup(&fs, FS_TREE_OBJECTID, Some(used + (1 << 20)), None).await
@@ -1201,10 +1209,8 @@ mod tests {
 
     #[test]
     fn relocation_moves_blocks_without_changing_what_subvolumes_reference() {
-        let (env, fs) = mount_with(crate::fix::FixPolicy::None);
-        populate(&env, &fs, 300);
-        enable(&env, &fs);
-        let id = run(&env, &fs, |fs| async move { create_snapshot(&fs, FS_TREE_OBJECTID).await }).unwrap();
+        let (env, fs) = quota_fs(300);
+        let id = snapshot(&env, &fs);
         churn(&env, &fs, 1);
         let before = fs.qgroup.snapshot();
         let group_start = fs
