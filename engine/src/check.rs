@@ -25,6 +25,10 @@
 //!   offset) and none is left unreferenced; every subvolume, snapshots too,
 //!   gets the file and namespace checks; every sector of every data extent has
 //!   exactly one checksum and no checksum lies outside a data extent;
+//! - a directory entry that links a subvolume (location ROOT_ITEM) counts in
+//!   its directory's size and has its DIR_INDEX, and a snapshot holds only
+//!   links to subvolumes made before it (one to itself or a later one
+//!   means the snapshot changed after it was taken);
 //! - with quotas on, each subvolume's QGROUP_INFO: `rfer` the tree blocks
 //!   and data extents its trees reach, `excl` those no other subvolume
 //!   reaches; a qgroup of a deleted subvolume counts nothing.
@@ -46,7 +50,7 @@ use crate::format::{
     ExtentItem, FIRST_FREE_OBJECTID, FS_TREE_OBJECTID, FT_DIR, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY,
     InlineRef, InodeItem, Key, METADATA_ITEM_KEY, QGROUP_INFO_KEY, QGROUP_STATUS_FLAG_INCONSISTENT,
     QGROUP_STATUS_FLAG_ON, QGROUP_STATUS_KEY, QUOTA_TREE_OBJECTID, QgroupInfoItem, QgroupStatusItem,
-    TREE_RELOC_OBJECTID, dir_items, inode_refs, is_fstree,
+    ROOT_ITEM_KEY, TREE_RELOC_OBJECTID, dir_items, inode_refs, is_fstree,
 };
 use crate::fs::FsInfo;
 
@@ -179,10 +183,10 @@ pub async fn check_fs(fs: &Rc<FsInfo>) -> CheckReport {
     let subvols: Vec<u64> = fs.roots.borrow().keys().copied().filter(|&id| is_fstree(id)).collect();
     check_qgroups(fs, &gathered, &subvols, &mut report.errors);
     let fs_items = gathered.subvol_items.remove(&FS_TREE_OBJECTID).unwrap_or_default();
-    check_namespace(&fs_items, &mut report);
+    check_namespace(FS_TREE_OBJECTID, &fs_items, &mut report);
     for (tree, items) in &gathered.subvol_items {
         let mut snapshot = CheckReport::default();
-        check_namespace(items, &mut snapshot);
+        check_namespace(*tree, items, &mut snapshot);
         report.errors.extend(snapshot.errors.into_iter().map(|e| format!("subvolume {tree}: {e}")));
     }
     report
@@ -676,8 +680,11 @@ fn check_file_extents(
 /// DIR_ITEM, DIR_INDEX and INODE_REF agree; link counts and directory
 /// sizes are right; names point at inodes that exist. Also builds the
 /// namespace of the top fs tree.
-fn check_namespace(items: &[(Key, Vec<u8>)], report: &mut CheckReport) {
+fn check_namespace(tree: u64, items: &[(Key, Vec<u8>)], report: &mut CheckReport) {
     let errors = &mut report.errors;
+    // (dir, index) of entries that link a subvolume (location ROOT_ITEM):
+    // no inode of this tree behind them.
+    let mut subvol_links: BTreeSet<(u64, u64)> = BTreeSet::new();
     let mut inodes: BTreeMap<u64, InodeItem> = BTreeMap::new();
     // (child, parent) -> [(index, name)]
     let mut refs: BTreeMap<(u64, u64), Vec<(u64, Vec<u8>)>> = BTreeMap::new();
@@ -718,6 +725,18 @@ fn check_namespace(items: &[(Key, Vec<u8>)], report: &mut CheckReport) {
             }
             DIR_INDEX_KEY => match dir_items(payload).next() {
                 Some(Ok(d)) => {
+                    if d.location.item_type == ROOT_ITEM_KEY {
+                        subvol_links.insert((key.objectid, key.offset));
+                        // A snapshot holds only links made before it.
+                        if tree != FS_TREE_OBJECTID && d.location.objectid >= tree {
+                            errors.push(format!(
+                                "entry {:?} in directory {} links subvolume {}, made after this snapshot {tree}: the snapshot changed after it was taken",
+                                lossy(&d.name),
+                                key.objectid,
+                                d.location.objectid
+                            ));
+                        }
+                    }
                     by_index.insert((key.objectid, key.offset), (d.location.objectid, d.dir_type, d.name));
                 }
                 _ => errors.push(format!("DIR_INDEX {key} does not decode")),
@@ -731,10 +750,17 @@ fn check_namespace(items: &[(Key, Vec<u8>)], report: &mut CheckReport) {
     let mut names_per_inode: BTreeMap<u64, u32> = BTreeMap::new();
     for (&(dir, index), (child, dir_type, name)) in &by_index {
         *dir_sizes.entry(dir).or_default() += 2 * name.len() as u64;
-        *names_per_inode.entry(*child).or_default() += 1;
         if by_name.get(&(dir, name.clone())) != Some(&(*child, *dir_type)) {
             errors.push(format!("DIR_INDEX {dir}/{index} {:?} has no matching DIR_ITEM", lossy(name)));
         }
+        if subvol_links.contains(&(dir, index)) {
+            if *dir_type != FT_DIR {
+                errors
+                    .push(format!("entry {:?} in {dir} links a subvolume with type {dir_type}", lossy(name)));
+            }
+            continue;
+        }
+        *names_per_inode.entry(*child).or_default() += 1;
         let has_ref =
             refs.get(&(*child, dir)).is_some_and(|r| r.iter().any(|(i, n)| *i == index && n == name));
         if !has_ref {
@@ -799,6 +825,7 @@ fn check_namespace(items: &[(Key, Vec<u8>)], report: &mut CheckReport) {
             errors.push(format!("inode {ino} has no name (orphan)"));
         }
     }
+    by_index.retain(|key, _| !subvol_links.contains(key));
     report.namespace = build_namespace(root_dir, &by_index);
 }
 

@@ -92,31 +92,42 @@ pub async fn insert_dir_item(
     dir_type: u8,
     index: u64,
 ) -> Result<(), Error> {
+    let ret = match insert_dir_name(handle, root, dir, name, location, dir_type).await {
+        Err(Error::Eexist) => Err(Error::Eexist),
+        Err(error) => return Err(error),
+        Ok(()) => Ok(()),
+    };
+    let ret2 = insert_delayed_dir_index(handle, dir, index, name, location, dir_type).await;
+    ret?;
+    ret2
+}
+
+/// The DIR_ITEM half of [`insert_dir_item`]: the entry goes into the item
+/// of its name's hash (EEXIST if the name is there).
+pub(crate) async fn insert_dir_name(
+    handle: &TransHandle,
+    root: &Rc<Root>,
+    dir: u64,
+    name: &[u8],
+    location: Key,
+    dir_type: u8,
+) -> Result<(), Error> {
     let key = Key::new(dir, DIR_ITEM_KEY, name_hash(name));
     let entry =
         DirItem { location, transid: handle.transid, dir_type, name: name.to_vec(), data: Vec::new() };
     let data_size = (DIR_ITEM_SIZE + name.len()) as u32;
     debug_assert_eq!(entry.encoded_len(), data_size as usize);
     let mut path = Path::new();
-    let ret = match insert_with_overflow(handle, root, &mut path, &key, data_size, name).await {
-        Ok(()) => {
-            let leaf = path.leaf().clone();
-            {
-                let mut image = leaf.data.borrow_mut();
-                let item = item_data_mut(&mut image, path.slots[0]);
-                let start = item.len() - data_size as usize;
-                entry.write(&mut item[start..]);
-            }
-            mark_buffer_dirty(handle, &leaf);
-            Ok(())
-        }
-        Err(Error::Eexist) => Err(Error::Eexist),
-        Err(error) => return Err(error),
-    };
-    path.release();
-    let ret2 = insert_delayed_dir_index(handle, dir, index, name, location, dir_type).await;
-    ret?;
-    ret2
+    insert_with_overflow(handle, root, &mut path, &key, data_size, name).await?;
+    let leaf = path.leaf().clone();
+    {
+        let mut image = leaf.data.borrow_mut();
+        let item = item_data_mut(&mut image, path.slots[0]);
+        let start = item.len() - data_size as usize;
+        entry.write(&mut item[start..]);
+    }
+    mark_buffer_dirty(handle, &leaf);
+    Ok(())
 }
 
 /// `btrfs_lookup_dir_item`: find the DIR_ITEM entry `name` of directory

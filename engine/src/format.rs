@@ -1127,6 +1127,41 @@ impl ExtentItem {
     }
 }
 
+/// `struct btrfs_root_ref` and its name: the payload of ROOT_REF (keyed
+/// (parent tree, ROOT_REF, subvolume)) and ROOT_BACKREF (keyed (subvolume,
+/// ROOT_BACKREF, parent tree)) in the root tree: where a subvolume is
+/// linked, the directory and its DIR_INDEX.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RootRef {
+    pub dirid: u64,
+    pub sequence: u64,
+    pub name: Vec<u8>,
+}
+
+impl RootRef {
+    pub const HEAD_SIZE: usize = 18;
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; Self::HEAD_SIZE + self.name.len()];
+        put_u64(&mut buf, 0, self.dirid);
+        put_u64(&mut buf, 8, self.sequence);
+        buf[16..18].copy_from_slice(&(self.name.len() as u16).to_le_bytes());
+        buf[18..].copy_from_slice(&self.name);
+        buf
+    }
+
+    pub fn read(buf: &[u8]) -> Result<RootRef, DecodeError> {
+        let short = |need| DecodeError { what: "root ref", have: buf.len(), need };
+        if buf.len() < Self::HEAD_SIZE {
+            return Err(short(Self::HEAD_SIZE));
+        }
+        let name_len = u16::from_le_bytes([buf[16], buf[17]]) as usize;
+        let name =
+            buf.get(Self::HEAD_SIZE..Self::HEAD_SIZE + name_len).ok_or(short(Self::HEAD_SIZE + name_len))?;
+        Ok(RootRef { dirid: get_u64(buf, 0), sequence: get_u64(buf, 8), name: name.to_vec() })
+    }
+}
+
 /// `struct btrfs_qgroup_status_item` without the simple-quota `enable_gen`,
 /// 32 bytes, keyed (0, QGROUP_STATUS, 0) in the quota tree.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

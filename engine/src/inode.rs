@@ -359,7 +359,7 @@ async fn load_index_cnt(fs: &FsInfo, root: &Rc<Root>, dir: u64) -> Result<u64, E
 }
 
 /// `btrfs_set_inode_index`: the next DIR_INDEX offset of `dir`, taken.
-async fn set_inode_index(fs: &FsInfo, root: &Rc<Root>, dir: u64) -> Result<u64, Error> {
+pub(crate) async fn set_inode_index(fs: &FsInfo, root: &Rc<Root>, dir: u64) -> Result<u64, Error> {
     let index = load_index_cnt(fs, root, dir).await?;
     fs.inodes.update(dir, |inode| inode.index_cnt = index + 1);
     Ok(index)
@@ -381,7 +381,7 @@ pub(crate) async fn update_inode(handle: &TransHandle, ino: u64) -> Result<(), E
 
 /// Touch a directory whose entries changed (`inode_inc_iversion`, mtime and
 /// ctime) and resize it by `delta` bytes.
-fn touch_dir(fs: &FsInfo, dir: u64, grow: bool, name_len: usize) {
+pub(crate) fn touch_dir(fs: &FsInfo, dir: u64, grow: bool, name_len: usize) {
     let t = now(fs);
     fs.inodes.update(dir, |inode| {
         let delta = 2 * name_len as u64;
@@ -478,15 +478,30 @@ pub(crate) async fn inode_by_name(
     dir: u64,
     name: &[u8],
 ) -> Result<Option<(u64, u8)>, Error> {
+    let Some((location, dir_type)) = location_by_name(root, dir, name).await? else { return Ok(None) };
+    if location.item_type != INODE_ITEM_KEY {
+        return Err(Error::BadTreeBlock(format!(
+            "entry {:?} of directory {dir} links subvolume {}, not an inode",
+            String::from_utf8_lossy(name),
+            location.objectid
+        )));
+    }
+    Ok(Some((location.objectid, dir_type)))
+}
+
+/// What `name` in `dir` names: an inode (INODE_ITEM) or a linked subvolume
+/// (ROOT_ITEM), and its type; anything else is corruption (the kernel's
+/// check in btrfs_inode_by_name).
+async fn location_by_name(root: &Rc<Root>, dir: u64, name: &[u8]) -> Result<Option<(Key, u8)>, Error> {
     let mut path = Path::new();
     let Some(found) = lookup_dir_item(None, root, &mut path, dir, name, 0).await? else { return Ok(None) };
     let location = found.entry.location;
-    if location.item_type != INODE_ITEM_KEY {
+    if location.item_type != INODE_ITEM_KEY && location.item_type != crate::format::ROOT_ITEM_KEY {
         return Err(Error::BadTreeBlock(format!(
             "btrfs_inode_by_name gets something invalid in DIR_ITEM (directory ino {dir}, location {location})"
         )));
     }
-    Ok(Some((location.objectid, found.entry.dir_type)))
+    Ok(Some((location, found.entry.dir_type)))
 }
 
 /// `btrfs_lookup_dentry` with the caller holding `dir`'s lock.
@@ -496,7 +511,13 @@ async fn lookup_locked(
     dir: u64,
     name: &[u8],
 ) -> Result<Option<(u64, u8)>, Error> {
-    let Some((ino, dir_type)) = inode_by_name(root, dir, name).await? else { return Ok(None) };
+    let Some((location, dir_type)) = location_by_name(root, dir, name).await? else { return Ok(None) };
+    if location.item_type == crate::format::ROOT_ITEM_KEY {
+        // A snapshot linked here: its tree's id, a directory (the kernel
+        // crosses into the subvolume; paths here do not).
+        return Ok(Some((location.objectid, dir_type)));
+    }
+    let ino = location.objectid;
     let inode = iget(fs, ino).await?;
     if inode.ftype() != dir_type {
         return Err(Error::BadTreeBlock(format!(

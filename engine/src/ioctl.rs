@@ -3,21 +3,30 @@
 //! with the cleaner's `btrfs_drop_snapshot`).
 //!
 //! A snapshot is made by the commit of the transaction that asked for it
-//! (transaction.rs `create_pending_snapshot`); deleting one drops its tree
+//! (transaction.rs `create_pending_snapshot`), which then links it into the
+//! source's top directory ([`link_snapshot`]: DIR_ITEM, DIR_INDEX, ROOT_REF,
+//! ROOT_BACKREF); deleting one unlinks it and drops its tree
 //! (extent_tree.rs `drop_snapshot`).
 //!
-//! Departures: snapshots are read-only and not linked into a directory
-//! (they are known by their tree id); a deletion drops the whole tree in
-//! one transaction handle, where the kernel's cleaner thread drops it
-//! across transactions, recording its progress in the root item.
+//! Departures: snapshots are read-only, of the fs tree only, named
+//! `snapshot-<id>` in its top directory (the kernel takes a name and a
+//! directory); namespace paths do not cross into them (a lookup of the
+//! name returns the tree's id); no UUID item; a deletion drops the whole
+//! tree in one transaction handle, where the kernel's cleaner thread drops
+//! it across transactions, recording its progress in the root item.
 
 use std::rc::Rc;
 
+use crate::ctree::{Root, insert_item};
 use crate::error::Error;
-use crate::format::{FS_TREE_OBJECTID, Key, ROOT_ITEM_KEY, ROOT_SUBVOL_RDONLY, ROOT_TREE_OBJECTID};
+use crate::format::{
+    DIR_INDEX_KEY, DirItem, FS_TREE_OBJECTID, FT_DIR, Key, ROOT_BACKREF_KEY, ROOT_ITEM_KEY, ROOT_REF_KEY,
+    ROOT_SUBVOL_RDONLY, ROOT_TREE_OBJECTID, RootRef,
+};
 use crate::fs::FsInfo;
+use crate::inode::ROOT_DIR_INO;
 use crate::transaction::{
-    PendingSnapshot, abort_transaction, check_fs_error, commit_transaction, end_transaction,
+    PendingSnapshot, TransHandle, abort_transaction, check_fs_error, commit_transaction, end_transaction,
     start_transaction,
 };
 
@@ -26,6 +35,10 @@ use crate::transaction::{
 /// backref, the directory entry and index, the parent directory's inode
 /// and the UUID item).
 const SNAPSHOT_ITEMS: u64 = 7;
+
+/// Items a deletion reserves (btrfs_delete_subvolume): the root item, the
+/// directory entry and index, the root ref and backref.
+const SNAPSHOT_DELETE_ITEMS: u64 = 5;
 
 /// Take a read-only snapshot of the subvolume `source` (only the top fs
 /// tree has files here): write back its dirty data, ask for the snapshot
@@ -68,7 +81,7 @@ async fn do_delete_snapshot(fs: &Rc<FsInfo>, objectid: u64) -> Result<(), Error>
     }
     // A second deletion finds nothing from now on.
     root.deleting.set(true);
-    let handle = match start_transaction(fs, &root, 1, "snapshot_delete").await {
+    let handle = match start_transaction(fs, &root, SNAPSHOT_DELETE_ITEMS, "snapshot_delete").await {
         Ok(handle) => handle,
         Err(error) => {
             root.deleting.set(false);
@@ -91,6 +104,7 @@ async fn do_delete_snapshot(fs: &Rc<FsInfo>, objectid: u64) -> Result<(), Error>
         let slot = path.slots[0];
         crate::ctree::del_items(&handle, &tree_root, &mut path, slot, 1).await?;
         drop(path);
+        unlink_snapshot(&handle, &fs.root(FS_TREE_OBJECTID), objectid).await?;
         crate::extent_tree::drop_snapshot(&handle, &root).await
     }
     .await;
@@ -99,6 +113,83 @@ async fn do_delete_snapshot(fs: &Rc<FsInfo>, objectid: u64) -> Result<(), Error>
     }
     end_transaction(handle);
     result
+}
+
+/// The name of the snapshot `objectid` in its source's top directory.
+/// Departure: the kernel takes it from the ioctl.
+pub fn snapshot_name(objectid: u64) -> String {
+    format!("snapshot-{objectid}")
+}
+
+/// Link the snapshot `objectid` of `source` into the source's top
+/// directory, in the commit that made it (create_pending_snapshot after
+/// qgroup_account_snapshot): the directory entry (DIR_ITEM and DIR_INDEX) naming the snapshot's ROOT_ITEM, ROOT_REF and ROOT_BACKREF in
+/// the root tree, the directory's size. The directory's inode is not
+/// locked: every writer of the transaction is gone.
+pub(crate) async fn link_snapshot(
+    handle: &TransHandle,
+    source: &Rc<Root>,
+    objectid: u64,
+) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let name = snapshot_name(objectid).into_bytes();
+    let dir = ROOT_DIR_INO;
+    crate::inode::iget(fs, dir).await?;
+    let index = crate::inode::set_inode_index(fs, source, dir).await?;
+    let location = Key::new(objectid, ROOT_ITEM_KEY, u64::MAX);
+    crate::dir_item::insert_dir_name(handle, source, dir, &name, location, FT_DIR).await?;
+    // Departure: the index goes in now, not through the delayed items: the
+    // committing handle may have reserved nothing (the kernel charges the
+    // pending snapshot's own reserve).
+    let entry =
+        DirItem { location, transid: handle.transid, dir_type: FT_DIR, name: name.clone(), data: Vec::new() };
+    insert_item(handle, source, &Key::new(dir, DIR_INDEX_KEY, index), &entry.to_bytes()).await?;
+    let root_ref = RootRef { dirid: dir, sequence: index, name }.to_bytes();
+    let tree_root = fs.root(ROOT_TREE_OBJECTID);
+    insert_item(handle, &tree_root, &Key::new(source.objectid, ROOT_REF_KEY, objectid), &root_ref).await?;
+    insert_item(handle, &tree_root, &Key::new(objectid, ROOT_BACKREF_KEY, source.objectid), &root_ref)
+        .await?;
+    crate::inode::touch_dir(fs, dir, true, root_ref.len() - RootRef::HEAD_SIZE);
+    crate::inode::update_inode(handle, dir).await
+}
+
+/// `btrfs_unlink_subvol`: take the snapshot `objectid`'s entry out of the
+/// top directory of `parent` (named by its ROOT_BACKREF), with its
+/// ROOT_REF and ROOT_BACKREF.
+async fn unlink_snapshot(handle: &TransHandle, parent: &Rc<Root>, objectid: u64) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let tree_root = fs.root(ROOT_TREE_OBJECTID);
+    let mut found = None;
+    for key in [
+        Key::new(objectid, ROOT_BACKREF_KEY, parent.objectid),
+        Key::new(parent.objectid, ROOT_REF_KEY, objectid),
+    ] {
+        let mut path = crate::ctree::Path::new();
+        if !crate::ctree::search_slot(Some(handle), &tree_root, &key, &mut path, -1, true).await? {
+            return Err(Error::BadTreeBlock(format!("root tree has no {key} for snapshot {objectid}")));
+        }
+        let root_ref = RootRef::read(&path.item_data(path.slots[0]))
+            .map_err(|e| Error::BadTreeBlock(format!("{key}: {e}")))?;
+        found = Some(root_ref);
+        let slot = path.slots[0];
+        crate::ctree::del_items(handle, &tree_root, &mut path, slot, 1).await?;
+    }
+    let root_ref = found.expect("two references read");
+    let dir = root_ref.dirid;
+    crate::inode::iget(fs, dir).await?;
+    {
+        let mut path = crate::ctree::Path::new();
+        let Some(entry) =
+            crate::dir_item::lookup_dir_item(Some(handle), parent, &mut path, dir, &root_ref.name, -1)
+                .await?
+        else {
+            return Err(Error::BadTreeBlock(format!("no directory entry for snapshot {objectid}")));
+        };
+        crate::dir_item::delete_one_dir_name(handle, parent, &mut path, &entry).await?;
+    }
+    crate::delayed_inode::delete_delayed_dir_index(handle, dir, root_ref.sequence).await?;
+    crate::inode::touch_dir(fs, dir, false, root_ref.name.len());
+    crate::inode::update_inode(handle, dir).await
 }
 
 #[cfg(test)]
@@ -124,7 +215,16 @@ mod tests {
         let id = run(&env, &fs, |fs| async move { create_snapshot(&fs, FS_TREE_OBJECTID).await }).unwrap();
         assert_eq!(id, 256);
         assert_eq!(items(&env, &fs, id), before, "a snapshot holds exactly its source's items");
-        assert!(refs_per_shared_cow(&fs).is_empty(), "nothing shared was COWed yet");
+        // The source links the snapshot after copying: only the path to its
+        // top directory's entries is COWed.
+        let linked: u64 = refs_per_shared_cow(&fs).values().sum();
+        let levels = u64::from(fs.root(FS_TREE_OBJECTID).node().level()) + 1;
+        assert!(linked <= 2 * levels, "{linked} COWs of shared blocks to link the snapshot");
+        let (found, _) =
+            run(&env, &fs, move |fs| async move { lookup(&fs, ROOT_DIR_INO, &snapshot_name(id)).await })
+                .unwrap()
+                .expect("the snapshot is linked in the top directory");
+        assert_eq!(found, id);
         let report = check_clean(&env);
         assert_eq!(report.trees[&id].leaves, report.trees[&FS_TREE_OBJECTID].leaves);
 
@@ -218,9 +318,11 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Snapshot => {
+                        run(&env, &fs, |fs| async move { sync_fs(&fs).await }).unwrap();
+                        let before = items(&env, &fs, FS_TREE_OBJECTID);
                         let id = run(&env, &fs, |fs| async move { create_snapshot(&fs, FS_TREE_OBJECTID).await })
                             .unwrap();
-                        snapshots.push((id, items(&env, &fs, FS_TREE_OBJECTID)));
+                        snapshots.push((id, before));
                     }
                     Op::Delete { nth } if !snapshots.is_empty() => {
                         let (id, _) = snapshots.remove(nth as usize % snapshots.len());

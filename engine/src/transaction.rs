@@ -606,6 +606,9 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     crate::tree_log::free_log_trees(handle);
     run_delayed_items(handle).await?;
     let mut snapshotted = create_pending_snapshots(handle).await?;
+    // The snapshots' directory indexes and directory updates (kernel: the
+    // second btrfs_run_delayed_items of the commit).
+    run_delayed_items(handle).await?;
     snapshotted.extend(crate::relocation::create_reloc_roots(handle).await?);
     run_delayed_refs(handle).await?;
     crate::qgroup::rescan_in_commit(handle).await?;
@@ -665,8 +668,8 @@ async fn create_pending_snapshots(handle: &TransHandle) -> Result<Vec<Rc<Root>>,
 /// inserted in the root tree. With quotas on, references by the new tree
 /// are not traced and the snapshot is accounted at once
 /// (`qgroup::account_snapshot`: account, inherit, commit the roots, write
-/// the dirty blocks). Departure: the snapshot gets no directory entry,
-/// ROOT_REF/ROOT_BACKREF or UUID item; it is known by its id.
+/// the dirty blocks); then the snapshot is linked into the source's top
+/// directory (`ioctl::link_snapshot`). Departure: no UUID item.
 async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot) -> Result<Rc<Root>, Error> {
     let fs = &handle.fs;
     let source = fs.root(pending.source);
@@ -675,6 +678,10 @@ async fn create_pending_snapshot(handle: &TransHandle, pending: &PendingSnapshot
     let highest = fs.roots.borrow().keys().copied().filter(|&id| is_fstree(id)).max().unwrap_or(0);
     let objectid = highest.max(tree_root.highest_objectid.get()).max(FIRST_FREE_OBJECTID - 1) + 1;
     tree_root.highest_objectid.set(objectid);
+    // The delayed items go in first, an earlier snapshot's directory index
+    // among them, or the copy would miss them (kernel: "pull in the delayed
+    // directory update and the delayed inode item").
+    run_delayed_items(handle).await?;
     crate::qgroup::set_skip(handle, objectid);
     let made = make_snapshot(handle, &source, objectid).await;
     crate::qgroup::clear_skip(handle);
@@ -707,7 +714,8 @@ async fn make_snapshot(handle: &TransHandle, source: &Rc<Root>, objectid: u64) -
     insert_item(handle, &tree_root, &key, &bytes).await?;
     fs.roots.borrow_mut().insert(objectid, snapshot);
     fs.env.trace(TraceEvent::Note { what: "snapshot", a: source.objectid, b: objectid, c: copy.start });
-    crate::qgroup::account_snapshot(handle, source, objectid).await
+    crate::qgroup::account_snapshot(handle, source, objectid).await?;
+    crate::ioctl::link_snapshot(handle, source, objectid).await
 }
 
 /// The commit's first step in copying the tree `source` (a snapshot or a
