@@ -92,11 +92,10 @@ pub async fn insert_dir_item(
     dir_type: u8,
     index: u64,
 ) -> Result<(), Error> {
-    let ret = match insert_dir_name(handle, root, dir, name, location, dir_type).await {
-        Err(Error::Eexist) => Err(Error::Eexist),
-        Err(error) => return Err(error),
-        Ok(()) => Ok(()),
-    };
+    let ret = insert_dir_name(handle, root, dir, name, location, dir_type).await;
+    if ret.as_ref().is_err_and(|error| !matches!(error, Error::Eexist)) {
+        return ret;
+    }
     let ret2 = insert_delayed_dir_index(handle, dir, index, name, location, dir_type).await;
     ret?;
     ret2
