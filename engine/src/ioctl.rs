@@ -144,12 +144,13 @@ pub(crate) async fn link_snapshot(
     let entry =
         DirItem { location, transid: handle.transid, dir_type: FT_DIR, name: name.clone(), data: Vec::new() };
     insert_item(handle, source, &Key::new(dir, DIR_INDEX_KEY, index), &entry.to_bytes()).await?;
+    let name_len = name.len();
     let root_ref = RootRef { dirid: dir, sequence: index, name }.to_bytes();
     let tree_root = fs.root(ROOT_TREE_OBJECTID);
     insert_item(handle, &tree_root, &Key::new(source.objectid, ROOT_REF_KEY, objectid), &root_ref).await?;
     insert_item(handle, &tree_root, &Key::new(objectid, ROOT_BACKREF_KEY, source.objectid), &root_ref)
         .await?;
-    crate::inode::touch_dir(fs, dir, true, root_ref.len() - RootRef::HEAD_SIZE);
+    crate::inode::touch_dir(fs, dir, true, name_len);
     crate::inode::update_inode(handle, dir).await
 }
 

@@ -206,6 +206,8 @@ pub struct QgroupRecords {
     /// A snapshot being made: references by its tree are not traced.
     skip: Cell<Option<u64>>,
     extents: RefCell<BTreeMap<u64, Record>>,
+    /// Records without old roots yet, for the next resolution.
+    unresolved: RefCell<BTreeSet<u64>>,
     /// Data reservations of finished writes, by subvolume, freed when this
     /// transaction's commit has counted their extents.
     data_rsv_done: RefCell<BTreeMap<u64, u64>>,
@@ -218,7 +220,12 @@ impl QgroupRecords {
     /// are none at any level; a block of the commit roots is pinned when
     /// freed, never reused within the transaction).
     fn record(&self, bytenr: u64, kind: ExtentKind) {
-        self.extents.borrow_mut().entry(bytenr).or_insert(Record { kind, old_roots: None }).kind = kind;
+        let mut extents = self.extents.borrow_mut();
+        let record = extents.entry(bytenr).or_insert_with(|| {
+            self.unresolved.borrow_mut().insert(bytenr);
+            Record { kind, old_roots: None }
+        });
+        record.kind = kind;
     }
 
     /// A reference change of a tree block by `root` (None: by a parent).
@@ -240,14 +247,6 @@ impl QgroupRecords {
             return;
         }
         self.record(bytenr, ExtentKind::Data { num_bytes });
-    }
-
-    pub fn len(&self) -> usize {
-        self.extents.borrow().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.extents.borrow().is_empty()
     }
 }
 
@@ -480,19 +479,24 @@ impl<'a> Walker<'a> {
 pub async fn resolve_old_roots(handle: &TransHandle) -> Result<(), Error> {
     let fs = &handle.fs;
     let records = &handle.transaction.delayed_refs.qgroup;
-    let pending: Vec<(u64, ExtentKind)> = records
-        .extents
-        .borrow()
-        .iter()
-        .filter(|(_, record)| record.old_roots.is_none())
-        .map(|(&bytenr, record)| (bytenr, record.kind))
-        .collect();
-    if pending.is_empty() {
+    let unresolved = std::mem::take(&mut *records.unresolved.borrow_mut());
+    if unresolved.is_empty() {
         return Ok(());
     }
+    let pending: Vec<(u64, ExtentKind)> = {
+        let extents = records.extents.borrow();
+        unresolved.iter().filter_map(|bytenr| extents.get(bytenr).map(|r| (*bytenr, r.kind))).collect()
+    };
     let mut walker = Walker::new(fs, fs.qgroup.commit_view.borrow().clone());
-    for (bytenr, kind) in pending {
-        let roots = walker.roots(bytenr, kind).await?;
+    for (i, &(bytenr, kind)) in pending.iter().enumerate() {
+        let roots = match walker.roots(bytenr, kind).await {
+            Ok(roots) => roots,
+            Err(error) => {
+                // Still owed their old roots (the error aborts the transaction).
+                records.unresolved.borrow_mut().extend(pending[i..].iter().map(|&(b, _)| b));
+                return Err(error);
+            }
+        };
         if let Some(record) = records.extents.borrow_mut().get_mut(&bytenr)
             && record.old_roots.is_none()
         {
@@ -517,7 +521,8 @@ pub async fn account_extents(handle: &TransHandle, skip: Option<u64>) -> Result<
     let stats = &fs.qgroup.stats;
     for (bytenr, record) in records {
         let mut new_roots = walker.roots(bytenr, record.kind).await?;
-        let mut old_roots = record.old_roots.expect("resolved above");
+        let mut old_roots =
+            record.old_roots.expect("resolved above: every writer, and so every other resolver, is gone");
         if let Some(skip) = skip {
             old_roots.remove(&skip);
             new_roots.remove(&skip);

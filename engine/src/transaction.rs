@@ -606,8 +606,8 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
     crate::tree_log::free_log_trees(handle);
     run_delayed_items(handle).await?;
     let mut snapshotted = create_pending_snapshots(handle).await?;
-    // The snapshots' directory indexes and directory updates (kernel: the
-    // second btrfs_run_delayed_items of the commit).
+    // The delayed update of the directory the snapshots were linked into
+    // (kernel: the second btrfs_run_delayed_items of the commit).
     run_delayed_items(handle).await?;
     snapshotted.extend(crate::relocation::create_reloc_roots(handle).await?);
     run_delayed_refs(handle).await?;

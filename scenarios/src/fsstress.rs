@@ -366,9 +366,15 @@ async fn punch_refused(
     let unchanged = state.borrow().files.get(path).expect("the file exists").content.clone();
     // The first range punch_hole zeroes through the page cache.
     let end = (unchanged.len() as u64).min(offset.saturating_add(len));
-    let (full_start, full_end) = (offset.next_multiple_of(PAGE_BYTES), end / PAGE_BYTES * PAGE_BYTES);
-    let head_end =
-        if full_start >= full_end { end.min((offset + 1).next_multiple_of(PAGE_BYTES)) } else { full_start };
+    let (full_start, full_end) = (
+        offset.next_multiple_of(engine::file::PAGE_SIZE),
+        end / engine::file::PAGE_SIZE * engine::file::PAGE_SIZE,
+    );
+    let head_end = if full_start >= full_end {
+        end.min((offset + 1).next_multiple_of(engine::file::PAGE_SIZE))
+    } else {
+        full_start
+    };
     let mut head_zeroed = unchanged.clone();
     if offset < head_end {
         head_zeroed[offset as usize..head_end as usize].fill(0);
@@ -386,9 +392,6 @@ async fn punch_refused(
     state.files.get_mut(path).expect("the file exists").content = got;
     Ok(())
 }
-
-/// The page cache's page size.
-const PAGE_BYTES: u64 = 4096;
 
 fn report(env: &dyn Env, state: &RefCell<State>, message: String) {
     env.report_violation(Violation { kind: "fsstress_model", message });
