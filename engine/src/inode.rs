@@ -843,6 +843,7 @@ async fn do_link(fs: &Rc<FsInfo>, ino: u64, dir: u64, name: &[u8]) -> Result<(),
     let index = set_inode_index(fs, &root, dir).await?;
     let handle = start_op(fs, &root, LINK_TRANS_ITEMS, "link").await?;
     fs.log.names_changed(ino, handle.transid);
+    fs.log.entries_moved(dir, handle.transid);
     // There are several dir indexes for this inode now.
     fs.inodes.update(ino, |inode| {
         inode.dir_index = 0;
@@ -1001,6 +1002,8 @@ async fn rename_in_trans(
     new_ino: Option<u64>,
 ) -> Result<(), Error> {
     let fs = &handle.fs;
+    fs.log.entries_moved(old_dir, handle.transid);
+    fs.log.entries_moved(new_dir, handle.transid);
     let index = set_inode_index(fs, root, new_dir).await?;
     fs.inodes.update(old_ino, |inode| inode.dir_index = 0);
     insert_inode_ref(handle, root, new_name, old_ino, new_dir, index).await?;

@@ -150,6 +150,7 @@ pub(crate) async fn link_snapshot(
     insert_item(handle, &tree_root, &Key::new(source.objectid, ROOT_REF_KEY, objectid), &root_ref).await?;
     insert_item(handle, &tree_root, &Key::new(objectid, ROOT_BACKREF_KEY, source.objectid), &root_ref)
         .await?;
+    fs.log.entries_moved(dir, handle.transid);
     crate::inode::touch_dir(fs, dir, true, name_len);
     crate::inode::update_inode(handle, dir).await
 }
@@ -189,6 +190,7 @@ async fn unlink_snapshot(handle: &TransHandle, parent: &Rc<Root>, objectid: u64)
         crate::dir_item::delete_one_dir_name(handle, parent, &mut path, &entry).await?;
     }
     crate::delayed_inode::delete_delayed_dir_index(handle, dir, root_ref.sequence).await?;
+    fs.log.entries_moved(dir, handle.transid);
     crate::inode::touch_dir(fs, dir, false, root_ref.name.len());
     crate::inode::update_inode(handle, dir).await
 }

@@ -25,10 +25,20 @@
 //! - The log's blocks are written with data-integrity writeback; the super
 //!   block waits for the previous commit to finish writing (the kernel's
 //!   `tree_log_mutex`), so it never names a tree that is not on disk.
+//! - A directory's fsync logs its item, its names and every entry
+//!   (DIR_INDEX items only, with one DIR_LOG_INDEX range item saying the log
+//!   holds all of them), and each new file an entry names as existing
+//!   (`log_new_dir_dentries` with `LOG_INODE_EXISTS`: the item with size 0,
+//!   its names, no extents). Replay first removes the entries of a logged
+//!   directory that the log lacks (`replay_dir_deletes`; an inode not logged
+//!   loses that link), then replays every inode's item, extents and names.
+//!   A directory's size after replay is what its entries add up to.
 //! - A file whose names changed in the running transaction (rename, link,
-//!   unlink), a file whose parent directory is new, a directory, and every
-//!   fsync after a logged inode's names changed or a log write failed, fall
-//!   back to a full commit (the kernel's `BTRFS_LOG_FORCE_COMMIT` and
+//!   unlink), an inode whose parent directory is new, a directory an
+//!   existing inode was renamed or linked into or out of (or whose subvolume
+//!   links changed), a directory naming a new subdirectory, and every fsync
+//!   after a logged inode's names changed or a log write failed, fall back
+//!   to a full commit (the kernel's `BTRFS_LOG_FORCE_COMMIT` and
 //!   `last_trans_log_full_commit`).
 //!
 //! Departures: one log per transaction and fsyncs serialize on the log
@@ -37,8 +47,12 @@
 //! file always logs all its items (`LOG_INODE_ALL`, no fast fsync of only
 //! the changed extents); the sums of a new data extent are logged for the
 //! whole extent, not only the range a file extent references (so that the
-//! checksum tree covers exactly the data extents after replay); directories
-//! are not logged (their fsync commits).
+//! checksum tree covers exactly the data extents after replay); a directory
+//! logs all its entries, not only those in leaves the transaction changed;
+//! the renames, links, new subdirectories and new ancestors the kernel
+//! logs (`btrfs_log_new_name`, `log_all_new_ancestors`, new subdirectories
+//! in `log_new_dir_dentries`) commit instead; subvolume links are neither
+//! logged nor removed by replay.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,9 +63,9 @@ use crate::env::{TraceEvent, WaitOn};
 use crate::error::Error;
 use crate::extent_io::{clear_extent_buffer_dirty, read_tree_block_verified, write_and_wait_ebs};
 use crate::format::{
-    BLOCK_GROUP_METADATA, EXTENT_CSUM_KEY, EXTENT_CSUM_OBJECTID, EXTENT_DATA_KEY, EXTENT_ITEM_KEY,
-    FS_TREE_OBJECTID, FileExtentBody, FileExtentItem, FixedItem, INODE_ITEM_KEY, INODE_REF_KEY, InodeItem,
-    Key, ROOT_ITEM_KEY, RootItem, TREE_LOG_OBJECTID, inode_refs,
+    BLOCK_GROUP_METADATA, DIR_INDEX_KEY, DIR_LOG_INDEX_KEY, DirItem, EXTENT_CSUM_KEY, EXTENT_CSUM_OBJECTID,
+    EXTENT_DATA_KEY, EXTENT_ITEM_KEY, FS_TREE_OBJECTID, FileExtentBody, FileExtentItem, FixedItem,
+    INODE_ITEM_KEY, INODE_REF_KEY, InodeItem, Key, ROOT_ITEM_KEY, RootItem, TREE_LOG_OBJECTID, inode_refs,
 };
 use crate::fs::FsInfo;
 use crate::transaction::{
@@ -73,6 +87,10 @@ pub struct LogStats {
     pub nothing_to_log: u64,
     /// Inodes copied into a log tree.
     pub inodes_logged: u64,
+    /// Of those, directories logged with all their entries.
+    pub dirs_logged: u64,
+    /// Of those, new inodes a logged directory names, logged as existing.
+    pub new_inodes_logged: u64,
     /// Log syncs: log blocks, log root tree and super block written.
     pub log_syncs: u64,
     /// fsyncs that committed the transaction instead.
@@ -81,6 +99,9 @@ pub struct LogStats {
     pub log_blocks_written: u64,
     /// Inodes replayed from a log at mount.
     pub inodes_replayed: u64,
+    /// Directory entries replay removed because a logged directory no
+    /// longer had them (`replay_dir_deletes`).
+    pub entries_deleted: u64,
 }
 
 /// The log trees of the running transaction and what fsync needs to know
@@ -105,6 +126,10 @@ pub struct LogControl {
     names_changed: RefCell<BTreeMap<u64, u64>>,
     /// Per inode, the last transaction it was logged in (`logged_trans`).
     logged: RefCell<BTreeMap<u64, u64>>,
+    /// Per directory, the last transaction that moved an existing inode's
+    /// entry in or out of it (rename, link) or changed a subvolume link in
+    /// it.
+    entries_moved: RefCell<BTreeMap<u64, u64>>,
     /// The log mutex: one fsync logs and syncs at a time.
     locked: Cell<bool>,
     wait: WaitQueue,
@@ -126,6 +151,17 @@ impl LogControl {
         if self.logged.borrow().get(&ino) == Some(&transid) {
             self.full_commit.set(transid);
         }
+    }
+
+    /// An existing inode's entry moved into or out of `dir` (rename, link),
+    /// or a subvolume link in `dir` changed, in transaction `transid`.
+    /// Replaying a log of `dir` alone would drop or double that inode's
+    /// other name, or disagree with the subvolume links on disk, so an
+    /// fsync of `dir` in that transaction commits (the kernel's
+    /// `last_unlink_trans` and `btrfs_log_new_name` cover these cases by
+    /// logging more).
+    pub(crate) fn entries_moved(&self, dir: u64, transid: u64) {
+        self.entries_moved.borrow_mut().insert(dir, transid);
     }
 
     /// A new log tree block (`btrfs_alloc_tree_block` for a log root).
@@ -173,14 +209,14 @@ fn full_commit_reason(
     inode: &crate::inode::BtrfsInode,
 ) -> Option<&'static str> {
     let log = &fs.log;
-    if inode.is_dir() {
-        return Some("fsync_commit: directory");
-    }
     if log.full_commit.get() == handle.transid {
         return Some("fsync_commit: log needs a full commit");
     }
     if log.names_changed.borrow().get(&inode.ino) == Some(&handle.transid) {
         return Some("fsync_commit: names changed");
+    }
+    if inode.is_dir() && log.entries_moved.borrow().get(&inode.ino) == Some(&handle.transid) {
+        return Some("fsync_commit: entries moved");
     }
     None
 }
@@ -216,15 +252,23 @@ async fn do_fsync(fs: &Rc<FsInfo>, ino: u64) -> Result<(), Error> {
         // The log is synced only if the whole inode made it into the log.
         let logged = async {
             if parent_is_new(&handle, ino).await? {
-                return Ok(false);
+                return Ok(Some("fsync_commit: new parent directory"));
             }
-            log_inode(&handle, ino).await?;
+            if inode.is_dir() {
+                if !log_dir(&handle, ino).await? {
+                    // Half logged: no fsync may sync this log now.
+                    fs.log.full_commit.set(handle.transid);
+                    return Ok(Some("fsync_commit: new subdirectory"));
+                }
+            } else {
+                log_inode(&handle, ino, LogMode::All).await?;
+            }
             sync_log(&handle).await?;
-            Ok(true)
+            Ok(None)
         };
         match logged.await {
-            Ok(false) => reason = Some("fsync_commit: new parent directory"),
-            Ok(true) => {
+            Ok(Some(why)) => reason = Some(why),
+            Ok(None) => {
                 drop(guard);
                 end_transaction(handle);
                 fs.log.stats.borrow_mut().fsyncs += 1;
@@ -348,10 +392,58 @@ async fn drop_logged_item(handle: &TransHandle, log: &Rc<Root>, key: &Key) -> Re
     Ok(())
 }
 
-/// `btrfs_log_inode` with `LOG_INODE_ALL`: replace whatever the log holds
-/// of `ino` with its items now, and the sums of its data extents written
-/// since the last commit.
-async fn log_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
+/// What `log_inode` copies of an inode (the kernel's `LOG_INODE_ALL` and
+/// `LOG_INODE_EXISTS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LogMode {
+    /// Everything: the item, the names, a file's extents and the sums of
+    /// its new data extents, a directory's entries with a range item saying
+    /// the log holds all of them.
+    All,
+    /// That a new inode exists, with its names: the item with size 0 and no
+    /// extents (for a new file a logged directory names; its data is its
+    /// own fsync's business).
+    Exists,
+}
+
+/// The whole index range of a directory, logged as one `DIR_LOG_INDEX`
+/// item (`struct btrfs_dir_log_item`: the range's last index; its first is
+/// the key's offset). Replay removes any entry in the range that the log
+/// does not have.
+fn dir_log_range(dir: u64) -> (Key, [u8; 8]) {
+    (Key::new(dir, DIR_LOG_INDEX_KEY, 0), u64::MAX.to_le_bytes())
+}
+
+/// `btrfs_log_inode` of a directory (`LOG_INODE_ALL`, `log_directory_changes`)
+/// and `log_new_dir_dentries`: the directory's item, names and every entry,
+/// and each new file an entry names, as existing. Returns false, with the
+/// directory half logged, when an entry names a new directory (its fsync
+/// commits: the kernel logs new subdirectories too).
+async fn log_dir(handle: &TransHandle, dir: u64) -> Result<bool, Error> {
+    let fs = &handle.fs;
+    let committed = fs.trans.last_trans_committed.get();
+    for child in log_inode(handle, dir, LogMode::All).await? {
+        if fs.log.logged.borrow().get(&child) == Some(&handle.transid) {
+            continue;
+        }
+        let inode = crate::inode::iget(fs, child).await?;
+        if inode.item.generation <= committed {
+            continue;
+        }
+        if inode.is_dir() {
+            return Ok(false);
+        }
+        log_inode(handle, child, LogMode::Exists).await?;
+        fs.log.stats.borrow_mut().new_inodes_logged += 1;
+    }
+    fs.log.stats.borrow_mut().dirs_logged += 1;
+    Ok(true)
+}
+
+/// `btrfs_log_inode`: replace whatever the log holds of `ino` with what
+/// `mode` copies of it now. Returns the inodes a directory's entries name
+/// (subvolume links are neither logged nor returned).
+async fn log_inode(handle: &TransHandle, ino: u64, mode: LogMode) -> Result<Vec<u64>, Error> {
     let fs = &handle.fs;
     let (log, _) = log_trees(handle).await?;
     crate::delayed_inode::commit_one_inode_delayed_items(handle, ino).await?;
@@ -362,17 +454,32 @@ async fn log_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
     }
     let committed = fs.trans.last_trans_committed.get();
     let mut new_extents = BTreeMap::new();
+    let mut children = Vec::new();
     let fs_root = fs.root(FS_TREE_OBJECTID);
+    let inode = fs.inodes.get(ino).expect("a logged inode is in memory");
     for (key, mut data) in inode_items(&fs_root, ino).await? {
         match key.item_type {
             INODE_ITEM_KEY => {
                 // The in-memory inode: its i_size, not the on-disk one.
-                let mut item = fs.inodes.get(ino).expect("the fsynced inode is in memory").item;
+                let mut item = inode.item;
                 item.transid = handle.transid;
+                if mode == LogMode::Exists {
+                    item.size = 0;
+                    item.nbytes = 0;
+                }
                 data = item.to_bytes();
             }
             INODE_REF_KEY => {}
-            EXTENT_DATA_KEY => {
+            // Only the index: replay makes the DIR_ITEM from it.
+            DIR_INDEX_KEY if mode == LogMode::All => {
+                let (entry, _) =
+                    DirItem::read(&data).map_err(|e| Error::BadTreeBlock(format!("dir index {key}: {e}")))?;
+                if entry.location.item_type != INODE_ITEM_KEY {
+                    continue;
+                }
+                children.push(entry.location.objectid);
+            }
+            EXTENT_DATA_KEY if mode == LogMode::All => {
                 let extent = FileExtentItem::read(&data)
                     .map_err(|e| Error::BadTreeBlock(format!("file extent {key}: {e}")))?;
                 if let FileExtentBody::Regular { disk_bytenr, disk_num_bytes, .. } = extent.body
@@ -386,6 +493,10 @@ async fn log_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
         }
         insert_item(handle, &log, &key, &data).await?;
     }
+    if inode.is_dir() && mode == LogMode::All {
+        let (key, end) = dir_log_range(ino);
+        insert_item(handle, &log, &key, &end).await?;
+    }
     let mut csum_keys = Vec::new();
     for (&bytenr, &len) in &new_extents {
         let sums = crate::file_item::lookup_csums(fs, bytenr, len).await?;
@@ -394,7 +505,7 @@ async fn log_inode(handle: &TransHandle, ino: u64) -> Result<(), Error> {
     fs.log.csum_keys.borrow_mut().insert(ino, csum_keys);
     fs.log.logged.borrow_mut().insert(ino, handle.transid);
     fs.log.stats.borrow_mut().inodes_logged += 1;
-    Ok(())
+    Ok(children)
 }
 
 /// `btrfs_sync_log`: write the log tree, point the log root tree at it,
@@ -463,6 +574,7 @@ pub(crate) fn free_log_trees(handle: &TransHandle) {
     log.last_trans.borrow_mut().retain(current);
     log.names_changed.borrow_mut().retain(current);
     log.logged.borrow_mut().retain(current);
+    log.entries_moved.borrow_mut().retain(current);
     if log.log.borrow_mut().take().is_none() {
         return;
     }
@@ -487,6 +599,10 @@ struct LoggedInode {
     /// (parent directory, index, name).
     refs: Vec<(u64, u64, Vec<u8>)>,
     extents: Vec<(Key, Vec<u8>)>,
+    /// A directory's entries: (index, entry).
+    entries: Vec<(u64, DirItem)>,
+    /// A directory's index ranges the log holds all entries of (first, last).
+    ranges: Vec<(u64, u64)>,
 }
 
 /// `btrfs_recover_log_trees`: the super block names a log root tree; read
@@ -542,13 +658,28 @@ pub async fn recover_log_trees(fs: &Rc<FsInfo>, log_root: u64, level: u8) -> Res
                 }
             }
             EXTENT_DATA_KEY => inodes.entry(key.objectid).or_default().extents.push((key, data)),
+            DIR_INDEX_KEY => {
+                let (entry, _) = DirItem::read(&data).map_err(decode)?;
+                inodes.entry(key.objectid).or_default().entries.push((key.offset, entry));
+            }
+            DIR_LOG_INDEX_KEY => {
+                let end = data
+                    .get(..8)
+                    .ok_or_else(|| Error::BadTreeBlock(format!("logged range {key} is short")))?;
+                let end = u64::from_le_bytes(end.try_into().expect("8 bytes"));
+                inodes.entry(key.objectid).or_default().ranges.push((key.offset, end));
+            }
             _ => return Err(Error::BadTreeBlock(format!("unexpected item {key} in the log"))),
         }
     }
     let fs_root = fs.root(FS_TREE_OBJECTID);
     // Each logged inode: its item, names and extents (about 4 items), each
-    // name 3 more, each extent 2.
-    let items: u64 = inodes.values().map(|i| 4 + 3 * i.refs.len() as u64 + 2 * i.extents.len() as u64).sum();
+    // name 3 more, each extent 2; each entry of a directory, 3 if replay
+    // must remove it.
+    let items: u64 = inodes
+        .values()
+        .map(|i| 4 + 3 * i.refs.len() as u64 + 2 * i.extents.len() as u64 + 3 * i.entries.len() as u64)
+        .sum();
     let handle = start_transaction(fs, &fs_root, items + csums.len() as u64, "log_replay").await?;
     let result = replay_all(&handle, &blocks, &inodes, &csums).await;
     if let Err(error) = result {
@@ -577,6 +708,12 @@ async fn replay_all(
     for &bytenr in blocks {
         crate::extent_tree::pin_extent_for_log_replay(handle, bytenr, u64::from(fs.nodesize))?;
     }
+    // The kernel's stages: logged directories exist and lose the entries
+    // they no longer had, then every inode's names and extents go in.
+    for (&dir, logged) in inodes.iter().filter(|(_, logged)| !logged.ranges.is_empty()) {
+        create_logged_inode(handle, dir, logged).await?;
+        replay_dir_deletes(handle, dir, logged, inodes).await?;
+    }
     let mut new_extents = BTreeSet::new();
     for (&ino, logged) in inodes {
         replay_inode(handle, ino, logged, &mut new_extents).await?;
@@ -595,6 +732,79 @@ async fn replay_all(
     Ok(())
 }
 
+/// A logged inode the fs tree does not have yet gets an empty item (no
+/// names, no bytes, a directory no entries) for replay to fill.
+async fn create_logged_inode(handle: &TransHandle, ino: u64, logged: &LoggedInode) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let Some(item) = logged.item else {
+        return Err(Error::BadTreeBlock(format!("inode {ino} logged without its inode item")));
+    };
+    if let Err(Error::Enoent) = crate::inode::iget(fs, ino).await {
+        let root = fs.root(FS_TREE_OBJECTID);
+        let size = if crate::inode::mode_is_dir(item.mode) { 0 } else { item.size };
+        let fresh = InodeItem { nlink: 0, nbytes: 0, size, ..item };
+        insert_item(handle, &root, &Key::new(ino, INODE_ITEM_KEY, 0), &fresh.to_bytes()).await?;
+        root.highest_objectid.set(root.highest_objectid.get().max(ino));
+        crate::inode::iget(fs, ino).await?;
+    }
+    Ok(())
+}
+
+/// `replay_dir_deletes`: an entry of a logged directory, in a range the log
+/// holds all of, that the log does not have was removed before the fsync.
+/// It goes now; an inode it named that is not logged loses that link (and
+/// goes with its last one). A logged inode's names are its own log's
+/// business, and every logged entry must be the fs tree's already or a
+/// logged inode's name.
+async fn replay_dir_deletes(
+    handle: &TransHandle,
+    dir: u64,
+    logged: &LoggedInode,
+    inodes: &BTreeMap<u64, LoggedInode>,
+) -> Result<(), Error> {
+    let fs = &handle.fs;
+    let root = fs.root(FS_TREE_OBJECTID);
+    let in_range = |index: u64| logged.ranges.iter().any(|&(first, last)| (first..=last).contains(&index));
+    let mut on_disk = Vec::new();
+    for (key, data) in inode_items(&root, dir).await? {
+        if key.item_type == DIR_INDEX_KEY {
+            let (entry, _) =
+                DirItem::read(&data).map_err(|e| Error::BadTreeBlock(format!("dir index {key}: {e}")))?;
+            on_disk.push((key.offset, entry));
+        }
+    }
+    for (index, entry) in &on_disk {
+        let child = entry.location.objectid;
+        if entry.location.item_type != INODE_ITEM_KEY
+            || !in_range(*index)
+            || inodes.contains_key(&child)
+            || logged
+                .entries
+                .iter()
+                .any(|(i, e)| i == index && e.name == entry.name && e.location == entry.location)
+        {
+            continue;
+        }
+        crate::inode::iget(fs, child).await?;
+        crate::inode::unlink_and_evict(handle, &root, dir, child, &entry.name).await?;
+        fs.log.stats.borrow_mut().entries_deleted += 1;
+    }
+    for (index, entry) in &logged.entries {
+        let child = entry.location.objectid;
+        let known =
+            inodes.get(&child).is_some_and(|i| i.refs.iter().any(|(d, _, n)| *d == dir && *n == entry.name))
+                || on_disk
+                    .iter()
+                    .any(|(i, e)| i == index && e.name == entry.name && e.location == entry.location);
+        if !known {
+            return Err(Error::BadTreeBlock(format!(
+                "the log of directory {dir} names inode {child} at index {index}, which has that name neither on disk nor in its own log"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Replay one logged inode (`replay_one_buffer`, `add_inode_ref`,
 /// `replay_one_extent`, `fixup_inode_link_counts`): its item as logged,
 /// exactly its logged extents, exactly its logged names (a name another
@@ -607,17 +817,8 @@ async fn replay_inode(
 ) -> Result<(), Error> {
     let fs = &handle.fs;
     let root = fs.root(FS_TREE_OBJECTID);
-    let Some(mut item) = logged.item else {
-        return Err(Error::BadTreeBlock(format!("inode {ino} logged without its inode item")));
-    };
-    if let Err(Error::Enoent) = crate::inode::iget(fs, ino).await {
-        let mut fresh = item;
-        fresh.nlink = 0;
-        fresh.nbytes = 0;
-        insert_item(handle, &root, &Key::new(ino, INODE_ITEM_KEY, 0), &fresh.to_bytes()).await?;
-        root.highest_objectid.set(root.highest_objectid.get().max(ino));
-        crate::inode::iget(fs, ino).await?;
-    }
+    create_logged_inode(handle, ino, logged).await?;
+    let mut item = logged.item.expect("create_logged_inode checked the item");
     if !crate::inode::mode_is_dir(item.mode) {
         crate::file::drop_extents(handle, &root, ino, 0, u64::MAX).await?;
         let extent_root = fs.root(crate::format::EXTENT_TREE_OBJECTID);
@@ -674,6 +875,11 @@ async fn replay_inode(
     }
     item.nlink = logged.refs.len() as u32;
     fs.inodes.update(ino, |inode| {
+        // A directory's size is what its entries add up to after replay
+        // (the kernel's overwrite_item keeps a directory's i_size).
+        if inode.is_dir() {
+            item.size = inode.item.size;
+        }
         inode.item = item;
         inode.disk_i_size = item.size;
         inode.dir_index = if logged.refs.len() == 1 { logged.refs[0].1 } else { 0 };
@@ -741,7 +947,7 @@ mod tests {
     }
 
     #[test]
-    fn a_renamed_file_and_a_directory_commit_instead_and_an_unchanged_file_does_nothing() {
+    fn a_renamed_file_commits_instead_a_directory_logs_and_an_unchanged_file_does_nothing() {
         let (env, fs) = mount();
         run(&env, &fs, |fs| async move {
             let a = create(&fs, ROOT_DIR_INO, "a").await?;
@@ -752,16 +958,18 @@ mod tests {
             rename(&fs, ROOT_DIR_INO, "a", ROOT_DIR_INO, "b").await?;
             write(&fs, a, 0, b"b").await?;
             fsync(&fs, a).await?;
+            // Logged, with c as a new file that exists.
             create(&fs, ROOT_DIR_INO, "c").await?;
             fsync(&fs, ROOT_DIR_INO).await?;
-            // Its rename is committed: the next fsync logs.
+            // Its rename is committed: the next fsync logs too.
             write(&fs, a, 0, b"B").await?;
             fsync(&fs, a).await?;
             Ok::<_, Error>(())
         })
         .unwrap();
         let stats = fs.log.stats.borrow().clone();
-        assert_eq!((stats.nothing_to_log, stats.full_commits, stats.log_syncs), (1, 2, 1), "{stats:?}");
+        assert_eq!((stats.nothing_to_log, stats.full_commits, stats.log_syncs), (1, 1, 2), "{stats:?}");
+        assert_eq!((stats.dirs_logged, stats.new_inodes_logged), (1, 1), "{stats:?}");
         let again = crash_and_mount(&env);
         assert_eq!(contents(&env, &again, "b").unwrap(), b"B");
         assert_eq!(contents(&env, &again, "c").unwrap(), b"");
@@ -786,6 +994,138 @@ mod tests {
         let again = crash_and_mount(&env);
         assert_eq!(contents(&env, &again, "n").unwrap(), vec![5u8; 5000]);
         // x lost its only name: gone, its extent and sums freed (check).
+        check_clean(&env);
+    }
+
+    /// The names in directory `dir`, sorted.
+    fn names(env: &TestEnv, fs: &Rc<FsInfo>, dir: &'static str) -> Vec<String> {
+        run(env, fs, move |fs| async move {
+            let ino = crate::inode::resolve(&fs, dir).await?;
+            let mut names: Vec<String> =
+                crate::inode::readdir(&fs, ino).await?.into_iter().map(|(name, _, _)| name).collect();
+            names.sort();
+            Ok::<_, Error>(names)
+        })
+        .unwrap()
+    }
+
+    fn read_path(env: &TestEnv, fs: &Rc<FsInfo>, path: &'static str) -> Vec<u8> {
+        run(env, fs, move |fs| async move {
+            let ino = crate::inode::resolve(&fs, path).await?;
+            read(&fs, ino, 0, u64::MAX).await
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_fsynced_directory_keeps_exactly_its_entries_through_the_log() {
+        let (env, fs) = mount();
+        run(&env, &fs, |fs| async move {
+            let d = crate::inode::mkdir(&fs, ROOT_DIR_INO, "d").await?;
+            let a = create(&fs, d, "a").await?;
+            write(&fs, a, 0, &vec![7u8; 10_000]).await?;
+            create(&fs, d, "b").await?;
+            sync_fs(&fs).await?;
+            unlink(&fs, d, "b").await?;
+            let c = create(&fs, d, "c").await?;
+            write(&fs, c, 0, &vec![8u8; 6000]).await?;
+            fsync(&fs, c).await?;
+            let e = create(&fs, d, "e").await?;
+            write(&fs, e, 0, b"not fsynced").await?;
+            fsync(&fs, d).await?;
+            // The file's own later fsync logs its data over its "exists" log.
+            write(&fs, e, 0, b"fsynced").await?;
+            fsync(&fs, e).await
+        })
+        .unwrap();
+        let stats = fs.log.stats.borrow().clone();
+        assert_eq!((stats.log_syncs, stats.full_commits, stats.dirs_logged), (3, 0, 1), "{stats:?}");
+        // c was logged whole before; only e is logged as existing.
+        assert_eq!(stats.new_inodes_logged, 1, "{stats:?}");
+        let again = crash_and_mount(&env);
+        assert_eq!(again.log.stats.borrow().entries_deleted, 1, "b's entry goes at replay");
+        assert_eq!(names(&env, &again, "d"), ["a", "c", "e"]);
+        assert_eq!(read_path(&env, &again, "d/a"), vec![7u8; 10_000]);
+        assert_eq!(read_path(&env, &again, "d/c"), vec![8u8; 6000]);
+        assert_eq!(read_path(&env, &again, "d/e"), b"fsyncednced");
+        // b lost its last name: its inode, extent and sums are gone (check).
+        check_clean(&env);
+    }
+
+    #[test]
+    fn a_directory_fsync_commits_after_a_move_into_it_or_when_it_names_a_new_subdirectory() {
+        let (env, fs) = mount();
+        run(&env, &fs, |fs| async move {
+            let d = crate::inode::mkdir(&fs, ROOT_DIR_INO, "d").await?;
+            create(&fs, ROOT_DIR_INO, "x").await?;
+            sync_fs(&fs).await?;
+            rename(&fs, ROOT_DIR_INO, "x", d, "x").await?;
+            fsync(&fs, d).await?;
+            assert_eq!(fs.log.stats.borrow().full_commits, 1);
+            crate::inode::mkdir(&fs, d, "sub").await?;
+            fsync(&fs, d).await?;
+            assert_eq!(fs.log.stats.borrow().full_commits, 2);
+            // A half-logged directory is never synced: the commit freed it.
+            let y = create(&fs, ROOT_DIR_INO, "y").await?;
+            fsync(&fs, y).await
+        })
+        .unwrap();
+        let stats = fs.log.stats.borrow().clone();
+        assert_eq!((stats.full_commits, stats.log_syncs, stats.dirs_logged), (2, 1, 0), "{stats:?}");
+        let again = crash_and_mount(&env);
+        assert_eq!(names(&env, &again, "d"), ["sub", "x"]);
+        assert!(contents(&env, &again, "y").is_some());
+        check_clean(&env);
+    }
+
+    #[test]
+    fn a_file_created_after_its_directory_was_logged_is_logged_over_the_stale_directory_log() {
+        let (env, fs) = mount();
+        run(&env, &fs, |fs| async move {
+            let d = crate::inode::mkdir(&fs, ROOT_DIR_INO, "d").await?;
+            sync_fs(&fs).await?;
+            create(&fs, d, "a").await?;
+            fsync(&fs, d).await?;
+            let b = create(&fs, d, "b").await?;
+            write(&fs, b, 0, b"b's data").await?;
+            // d's log does not have b; replay removes only entries on disk
+            // that the log lacks, and b's own log names it.
+            fsync(&fs, b).await
+        })
+        .unwrap();
+        let stats = fs.log.stats.borrow().clone();
+        assert_eq!((stats.log_syncs, stats.full_commits), (2, 0), "{stats:?}");
+        let again = crash_and_mount(&env);
+        assert_eq!(names(&env, &again, "d"), ["a", "b"]);
+        assert_eq!(read_path(&env, &again, "d/b"), b"b's data");
+        check_clean(&env);
+    }
+
+    #[test]
+    fn a_new_directory_logs_its_own_name_and_the_top_directory_keeps_its_snapshot_links() {
+        let (env, fs) = mount();
+        let snapshot = run(&env, &fs, |fs| async move {
+            create(&fs, ROOT_DIR_INO, "old").await?;
+            let snapshot = crate::ioctl::create_snapshot(&fs, FS_TREE_OBJECTID).await?;
+            sync_fs(&fs).await?;
+            let n = crate::inode::mkdir(&fs, ROOT_DIR_INO, "n").await?;
+            let f = create(&fs, n, "f").await?;
+            write(&fs, f, 0, b"data not fsynced").await?;
+            fsync(&fs, n).await?;
+            unlink(&fs, ROOT_DIR_INO, "old").await?;
+            fsync(&fs, ROOT_DIR_INO).await?;
+            Ok::<_, Error>(snapshot)
+        })
+        .unwrap();
+        let stats = fs.log.stats.borrow().clone();
+        assert_eq!((stats.log_syncs, stats.full_commits, stats.dirs_logged), (2, 0, 2), "{stats:?}");
+        let again = crash_and_mount(&env);
+        let mut top = vec!["n".to_string(), crate::ioctl::snapshot_name(snapshot)];
+        top.sort();
+        assert_eq!(names(&env, &again, "/"), top);
+        assert_eq!(names(&env, &again, "n"), ["f"]);
+        // Named by a logged directory, never fsynced: it exists, empty.
+        assert_eq!(read_path(&env, &again, "n/f"), b"");
         check_clean(&env);
     }
 
@@ -878,5 +1218,117 @@ mod tests {
             }
             check_clean(&env);
         }
+
+        /// Names in one directory, with directory and file fsyncs: after a
+        /// crash the directory holds exactly the names it had at its last
+        /// fsync or sync if none changed since, and every file fsynced or
+        /// synced since its last change holds that content under its name.
+        #[test]
+        fn after_a_crash_a_fsynced_directory_holds_exactly_its_names(ops in proptest::collection::vec(dir_op(), 1..24)) {
+            let (env, fs) = mount();
+            let dir = run(&env, &fs, |fs| async move {
+                let dir = crate::inode::mkdir(&fs, ROOT_DIR_INO, "d").await?;
+                sync_fs(&fs).await?;
+                Ok::<_, Error>(dir)
+            })
+            .unwrap();
+            let mut model: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+            let mut durable_dir: Option<Vec<usize>> = Some(Vec::new());
+            let mut durable: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+            for op in ops {
+                let name = |i: usize| format!("n{i}");
+                match op {
+                    DirOp::Create(i) if !model.contains_key(&i) => {
+                        run(&env, &fs, move |fs| async move { create(&fs, dir, &name(i)).await }).unwrap();
+                        model.insert(i, Vec::new());
+                        durable_dir = None;
+                    }
+                    DirOp::Unlink(i) if model.contains_key(&i) => {
+                        run(&env, &fs, move |fs| async move { unlink(&fs, dir, &name(i)).await }).unwrap();
+                        model.remove(&i);
+                        durable.remove(&i);
+                        durable_dir = None;
+                    }
+                    DirOp::Rename(i, j) if i != j && model.contains_key(&i) => {
+                        run(&env, &fs, move |fs| async move { rename(&fs, dir, &name(i), dir, &name(j)).await })
+                            .unwrap();
+                        let moved = model.remove(&i).expect("the source exists");
+                        model.insert(j, moved);
+                        durable.remove(&i);
+                        durable.remove(&j);
+                        durable_dir = None;
+                    }
+                    DirOp::Write(i, len, byte) if model.contains_key(&i) => {
+                        run(&env, &fs, move |fs| async move {
+                            let (ino, _) = lookup(&fs, dir, &name(i)).await?.ok_or(Error::Enoent)?;
+                            write(&fs, ino, 0, &vec![byte; len]).await
+                        })
+                        .unwrap();
+                        let content = model.get_mut(&i).expect("the file exists");
+                        if content.len() < len {
+                            content.resize(len, 0);
+                        }
+                        content[..len].fill(byte);
+                        durable.remove(&i);
+                    }
+                    DirOp::FsyncFile(i) if model.contains_key(&i) => {
+                        run(&env, &fs, move |fs| async move {
+                            let (ino, _) = lookup(&fs, dir, &name(i)).await?.ok_or(Error::Enoent)?;
+                            fsync(&fs, ino).await
+                        })
+                        .unwrap();
+                        durable.insert(i, model[&i].clone());
+                    }
+                    DirOp::FsyncDir => {
+                        run(&env, &fs, move |fs| async move { fsync(&fs, dir).await }).unwrap();
+                        durable_dir = Some(model.keys().copied().collect());
+                    }
+                    DirOp::Sync => {
+                        run(&env, &fs, |fs| async move { sync_fs(&fs).await }).unwrap();
+                        durable_dir = Some(model.keys().copied().collect());
+                        durable = model.clone();
+                    }
+                    _ => {}
+                }
+            }
+            let again = crash_and_mount(&env);
+            if let Some(expected) = durable_dir {
+                let expected: Vec<String> = expected.iter().map(|i| format!("n{i}")).collect();
+                prop_assert_eq!(names(&env, &again, "d"), expected);
+            }
+            for (i, content) in &durable {
+                let path = format!("d/n{i}");
+                let found = run(&env, &again, move |fs| async move {
+                    let ino = crate::inode::resolve(&fs, &path).await?;
+                    read(&fs, ino, 0, u64::MAX).await
+                });
+                prop_assert_eq!(found.as_ref(), Ok(content), "d/n{}", i);
+            }
+            check_clean(&env);
+        }
+    }
+
+    /// One operation of the directory crash model test, on names `n0`..`n2`.
+    #[derive(Clone, Debug)]
+    enum DirOp {
+        Create(usize),
+        Unlink(usize),
+        Rename(usize, usize),
+        Write(usize, usize, u8),
+        FsyncFile(usize),
+        FsyncDir,
+        Sync,
+    }
+
+    fn dir_op() -> impl Strategy<Value = DirOp> {
+        prop_oneof![
+            4 => (0..3usize).prop_map(DirOp::Create),
+            2 => (0..3usize).prop_map(DirOp::Unlink),
+            1 => (0..3usize, 0..3usize).prop_map(|(i, j)| DirOp::Rename(i, j)),
+            3 => (0..3usize, 1usize..20_000, any::<u8>()).prop_map(|(i, len, byte)| DirOp::Write(i, len, byte)),
+            2 => (0..3usize).prop_map(DirOp::FsyncFile),
+            3 => Just(DirOp::FsyncDir),
+            1 => Just(DirOp::Sync),
+        ]
     }
 }
