@@ -15,6 +15,7 @@
 //! tree in one transaction handle, where the kernel's cleaner thread drops
 //! it across transactions, recording its progress in the root item.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use crate::ctree::{Root, insert_item};
@@ -55,7 +56,11 @@ async fn do_create_snapshot(fs: &Rc<FsInfo>, source: u64) -> Result<u64, Error> 
     crate::file::start_delalloc_and_wait(fs).await?;
     let root = fs.root(source);
     let handle = start_transaction(fs, &root, SNAPSHOT_ITEMS, "snapshot").await?;
-    let pending = Rc::new(PendingSnapshot { source, objectid: Default::default() });
+    // btrfs_subvolume_reserve_metadata into the pending snapshot's reserve:
+    // the reservation goes with the snapshot to whichever handle commits.
+    let rsv = handle.rsv.borrow_mut().take();
+    handle.block_rsv.set(None);
+    let pending = Rc::new(PendingSnapshot { source, objectid: Default::default(), rsv: RefCell::new(rsv) });
     handle.transaction.pending_snapshots.borrow_mut().push(pending.clone());
     commit_transaction(handle).await?;
     pending.objectid.get().ok_or(Error::Erofs)

@@ -1269,7 +1269,13 @@ mod snapshot_pair_tests {
             let root = fs.root(FS_TREE_OBJECTID);
             let handle = start_transaction(&fs, &root, 14, "snapshot").await?;
             let pending: Vec<Rc<PendingSnapshot>> = (0..2)
-                .map(|_| Rc::new(PendingSnapshot { source: FS_TREE_OBJECTID, objectid: Default::default() }))
+                .map(|_| {
+                    Rc::new(PendingSnapshot {
+                        source: FS_TREE_OBJECTID,
+                        objectid: Default::default(),
+                        rsv: Default::default(),
+                    })
+                })
                 .collect();
             handle.transaction.pending_snapshots.borrow_mut().extend(pending.iter().cloned());
             commit_transaction(handle).await?;

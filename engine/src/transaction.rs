@@ -376,10 +376,7 @@ pub async fn start_transaction(
 /// Give back what the handle reserved and did not use (kernel:
 /// btrfs_trans_release_metadata).
 fn release_metadata(handle: &TransHandle) {
-    let account = handle.rsv.borrow_mut().take();
-    if let (Some(mut account), Some(space)) = (account, handle.fs.space.get()) {
-        account.release(&space.rsvs);
-    }
+    release_account(handle, handle.rsv.borrow_mut().take());
     handle.block_rsv.set(None);
 }
 
@@ -641,11 +638,14 @@ async fn do_commit(handle: &TransHandle) -> Result<(), Error> {
 }
 
 /// A snapshot asked for in a transaction (kernel: struct
-/// btrfs_pending_snapshot): the source tree, and the new tree's id once the
-/// commit has made it.
+/// btrfs_pending_snapshot): the source tree, the new tree's id once the
+/// commit has made it, and the reservation its ioctl made for it
+/// (`pending->block_rsv`): whichever handle commits, making this snapshot
+/// is paid from it, not from the committer's.
 pub struct PendingSnapshot {
     pub source: u64,
     pub objectid: Cell<Option<u64>>,
+    pub rsv: RefCell<Option<TransRsvAccount>>,
 }
 
 /// `create_pending_snapshots`: make every snapshot asked for in this
@@ -654,10 +654,48 @@ pub struct PendingSnapshot {
 async fn create_pending_snapshots(handle: &TransHandle) -> Result<Vec<Rc<Root>>, Error> {
     let pending = std::mem::take(&mut *handle.transaction.pending_snapshots.borrow_mut());
     let mut sources = Vec::new();
-    for snapshot in pending {
-        sources.push(create_pending_snapshot(handle, &snapshot).await?);
+    for (done, snapshot) in pending.iter().enumerate() {
+        let made = with_pending_rsv(handle, snapshot, create_pending_snapshot(handle, snapshot)).await;
+        match made {
+            Ok(source) => sources.push(source),
+            Err(error) => {
+                for unmade in &pending[done + 1..] {
+                    release_account(handle, unmade.rsv.borrow_mut().take());
+                }
+                return Err(error);
+            }
+        }
     }
     Ok(sources)
+}
+
+/// Run `work` with the pending snapshot's reservation as the handle's
+/// (kernel: `trans->block_rsv = &pending->block_rsv` and
+/// `trans->bytes_reserved` in create_pending_snapshot), then give back what
+/// it left and restore the handle's own.
+async fn with_pending_rsv<T>(
+    handle: &TransHandle,
+    pending: &PendingSnapshot,
+    work: impl Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let account = pending.rsv.borrow_mut().take();
+    let kind = account.as_ref().map(|_| BlockRsvType::Trans);
+    let own = handle.rsv.replace(account);
+    let own_kind = handle.block_rsv.replace(kind);
+    let own_used = handle.bytes_used.replace(0);
+    let own_migrated = handle.bytes_migrated.replace(0);
+    let result = work.await;
+    release_account(handle, handle.rsv.replace(own));
+    handle.block_rsv.set(own_kind);
+    handle.bytes_used.set(own_used);
+    handle.bytes_migrated.set(own_migrated);
+    result
+}
+
+fn release_account(handle: &TransHandle, account: Option<TransRsvAccount>) {
+    if let (Some(mut account), Some(space)) = (account, handle.fs.space.get()) {
+        account.release(&space.rsvs);
+    }
 }
 
 /// `create_pending_snapshot`, during the commit with every writer gone and

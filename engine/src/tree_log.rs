@@ -421,13 +421,15 @@ fn dir_log_range(dir: u64) -> (Key, [u8; 8]) {
 /// commits: the kernel logs new subdirectories too).
 async fn log_dir(handle: &TransHandle, dir: u64) -> Result<bool, Error> {
     let fs = &handle.fs;
-    let committed = fs.trans.last_trans_committed.get();
     for child in log_inode(handle, dir, LogMode::All).await? {
         if fs.log.logged.borrow().get(&child) == Some(&handle.transid) {
             continue;
         }
+        // Made in an earlier transaction: the log replays over that
+        // transaction's commit (sync_log waits for it), which has the inode
+        // as it was, even if that commit is still running now.
         let inode = crate::inode::iget(fs, child).await?;
-        if inode.item.generation <= committed {
+        if inode.item.generation < handle.transid {
             continue;
         }
         if inode.is_dir() {

@@ -4,7 +4,8 @@
 //!
 //! Each task works in its own directory (`/t<k>`) on a few names: create,
 //! write (a seeded byte pattern at a random offset), truncate, punch hole,
-//! read (compared with the model at once), rename, unlink, fsync and sync.
+//! read (compared with the model at once), rename, unlink, fsync (of a file
+//! or of the task's directory) and sync.
 //! A reference model of names and contents says what every operation must
 //! return. Oracles:
 //! - every operation's result and every read against the model (`fsstress_model`);
@@ -12,8 +13,11 @@
 //!   last commit), the image checks clean (check() with its file data
 //!   checks), and every file that no operation touched since its last
 //!   fsync returned, or since the start of the last sync that completed,
-//!   is at its path with exactly that content (`crash_data`); every file in
-//!   the recovered namespace reads back without a checksum error.
+//!   is at its path with exactly that content (`crash_data`); every task
+//!   directory whose names no operation changed since its last fsync
+//!   returned, or since the start of the last sync that completed, holds
+//!   exactly those names (`crash_names`); every file in the recovered
+//!   namespace reads back without a checksum error.
 //!
 //! Files changed after that may hold any mix of old and new pages (btrfs
 //! writes back page runs independently and makes no promise without
@@ -62,6 +66,10 @@ struct Params {
     /// quotas: quotas off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     quota_headroom_bytes: Option<u64>,
+    /// Percent of fsyncs that are of the task's directory (absent in seed
+    /// files older than directory logging: none).
+    #[serde(default)]
+    dir_fsync_percent: u32,
     nodesize: u32,
     device_bytes: u64,
     power_loss_after_ns: u64,
@@ -114,6 +122,7 @@ fn draw_params(seed: u64) -> (Params, u64) {
         // balances.
         balance_percent: 0,
         quota_headroom_bytes: None,
+        dir_fsync_percent: rng.random_range(20..=50),
     };
     (params, high_bytes)
 }
@@ -220,6 +229,12 @@ struct State {
     seq: u64,
     /// Files that must survive a crash: id -> (path, content).
     durable: BTreeMap<u64, (String, Vec<u8>)>,
+    /// Per task directory, the name changes started (creates, renames,
+    /// unlinks) and whether one is running now.
+    dir_changes: BTreeMap<u32, (u64, bool)>,
+    /// Task directories whose names must survive a crash: task -> names.
+    durable_dirs: BTreeMap<u32, Vec<String>>,
+    dir_fsyncs: u64,
     ops_completed: u64,
     syncs: u64,
     fsyncs: u64,
@@ -265,6 +280,11 @@ async fn setup(env: Rc<dyn Env>, fix: FixPolicy, params: Params, seed: u64, stat
         let mut state = state.borrow_mut();
         state.fs = Some(fs.clone());
         state.power_loss_at_ns = Some(env.now_ns() + params.power_loss_after_ns);
+        // The setup's sync made every task directory durable, empty.
+        for task in 0..params.tasks {
+            state.dir_changes.insert(task, (0, false));
+            state.durable_dirs.insert(task, Vec::new());
+        }
     }
     for task in 0..params.tasks {
         let rng = stream(seed, &format!("scenario.task{task}"));
@@ -311,6 +331,8 @@ enum Action {
     },
     Unlink(String),
     Fsync(String),
+    /// fsync of the task's directory.
+    FsyncDir(u32),
     Sync,
     Snapshot,
     DeleteSnapshot,
@@ -346,7 +368,13 @@ fn pick_action(rng: &mut ChaCha8Rng, params: &Params, task: u32) -> Action {
         66..78 => {
             Action::Read { path: path(rng), offset: rng.random_range(0..max), len: rng.random_range(1..max) }
         }
-        78..84 => Action::Fsync(path(rng)),
+        78..84 => {
+            if params.dir_fsync_percent > 0 && rng.random_range(0..100) < params.dir_fsync_percent {
+                Action::FsyncDir(task)
+            } else {
+                Action::Fsync(path(rng))
+            }
+        }
         84..92 => Action::Rename { from: path(rng), to: path(rng) },
         _ => Action::Unlink(path(rng)),
     }
@@ -418,6 +446,26 @@ fn end_change(state: &RefCell<State>, paths: &[&str]) {
             file.busy = false;
         }
     }
+}
+
+/// Task `task`'s directory is having its names changed: whatever an earlier
+/// fsync or sync made durable of them no longer holds.
+fn start_dir_change(state: &RefCell<State>, task: u32) {
+    let mut state = state.borrow_mut();
+    state.durable_dirs.remove(&task);
+    let changes = state.dir_changes.entry(task).or_default();
+    changes.0 += 1;
+    changes.1 = true;
+}
+
+fn end_dir_change(state: &RefCell<State>, task: u32) {
+    state.borrow_mut().dir_changes.entry(task).or_default().1 = false;
+}
+
+/// The names in task `task`'s directory, as the model has them.
+fn dir_names(state: &State, task: u32) -> Vec<String> {
+    let prefix = format!("t{task}/");
+    state.files.keys().filter_map(|path| path.strip_prefix(&prefix)).map(str::to_string).collect()
 }
 
 async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Action) -> Result<(), String> {
@@ -573,6 +621,18 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
             }
             Ok(())
         }
+        Action::FsyncDir(task) => {
+            // Only this task changes its directory's names: they are what a
+            // crash must keep once the fsync returns.
+            let dir = format!("t{task}");
+            let ino = resolve_file(dir.clone()).await?;
+            engine::tree_log::fsync(fs, ino).await.map_err(|e| format!("fsync {dir}: {e}"))?;
+            let mut state = state.borrow_mut();
+            state.dir_fsyncs += 1;
+            let names = dir_names(&state, task);
+            state.durable_dirs.insert(task, names);
+            Ok(())
+        }
         Action::Snapshot => {
             let id = engine::ioctl::create_snapshot(fs, engine::format::FS_TREE_OBJECTID)
                 .await
@@ -610,7 +670,8 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
             Ok(())
         }
         Action::Sync => {
-            // Files no operation is changing now are on disk once the sync returns.
+            // Files and directory names no operation is changing now are on
+            // disk once the sync returns.
             let before: Vec<(String, FileModel)> = state
                 .borrow()
                 .files
@@ -618,6 +679,15 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
                 .filter(|(_, f)| !f.busy)
                 .map(|(p, f)| (p.clone(), f.clone()))
                 .collect();
+            let dirs_before: Vec<(u32, u64, Vec<String>)> = {
+                let state = state.borrow();
+                state
+                    .dir_changes
+                    .iter()
+                    .filter(|(_, (_, busy))| !busy)
+                    .map(|(&task, &(changes, _))| (task, changes, dir_names(&state, task)))
+                    .collect()
+            };
             engine::file::sync_fs(fs).await.map_err(|e| format!("sync: {e}"))?;
             let mut state = state.borrow_mut();
             state.syncs += 1;
@@ -628,6 +698,11 @@ async fn do_action(fs: &Rc<FsInfo>, state: &RefCell<State>, seq: u64, action: Ac
                     .is_some_and(|f| f.id == synced.id && f.changed_at == synced.changed_at);
                 if unchanged {
                     state.durable.insert(synced.id, (path, synced.content));
+                }
+            }
+            for (task, changes, names) in dirs_before {
+                if state.dir_changes.get(&task).map(|&(now, _)| now) == Some(changes) {
+                    state.durable_dirs.insert(task, names);
                 }
             }
             Ok(())
@@ -678,16 +753,24 @@ async fn work(
             Action::Create(_)
             | Action::Read { .. }
             | Action::Fsync(_)
+            | Action::FsyncDir(_)
             | Action::Sync
             | Action::Snapshot
             | Action::DeleteSnapshot
             | Action::Balance(_) => Vec::new(),
         };
         let paths: Vec<&str> = changes.iter().map(String::as_str).collect();
+        let names_change = matches!(action, Action::Create(_) | Action::Rename { .. } | Action::Unlink(_));
         start_change(&state, seq, &paths);
+        if names_change {
+            start_dir_change(&state, task);
+        }
         let outcome = do_action(&fs, &state, seq, action).await;
         // A renamed file ends its change under its new name, in `paths` too.
         end_change(&state, &paths);
+        if names_change {
+            end_dir_change(&state, task);
+        }
         match outcome {
             Ok(()) => state.borrow_mut().ops_completed += 1,
             Err(_) if fs.trans.fs_error.get().is_some() => return,
@@ -769,6 +852,27 @@ async fn recover(env: Rc<dyn Env>, fix: FixPolicy, state: Rc<RefCell<State>>) {
             break;
         }
     }
+    let durable_dirs = state.borrow().durable_dirs.clone();
+    for (task, expected) in &durable_dirs {
+        let found = match engine::inode::resolve(&fs, &format!("t{task}")).await {
+            Ok(ino) => engine::inode::readdir(&fs, ino).await,
+            Err(error) => Err(error),
+        };
+        let found = found.map(|entries| {
+            let mut names: Vec<String> = entries.into_iter().map(|(name, _, _)| name).collect();
+            names.sort();
+            names
+        });
+        if found.as_ref() != Ok(expected) {
+            env.report_violation(Violation {
+                kind: "crash_names",
+                message: format!(
+                    "after power loss /t{task} should hold exactly {expected:?} (its last fsync or sync): {found:?}"
+                ),
+            });
+            break;
+        }
+    }
     let mut read_back = 0u64;
     for (path, kind) in &report.namespace {
         if let engine::check::EntryKind::File { ino } = kind {
@@ -786,7 +890,9 @@ async fn recover(env: Rc<dyn Env>, fix: FixPolicy, state: Rc<RefCell<State>>) {
         "trees": tree_stats(&report),
         "recovered_generation": report.generation,
         "durable_files_checked": checked,
+        "durable_dirs_checked": durable_dirs.len(),
         "inodes_replayed": fs.log.stats.borrow().inodes_replayed,
+        "entries_deleted": fs.log.stats.borrow().entries_deleted,
         "files_read_back": read_back,
     });
 }
@@ -809,6 +915,9 @@ impl ScenarioRun for FsstressRun {
         let mut stats = if state.stats.is_null() { serde_json::json!({}) } else { state.stats.clone() };
         stats["syncs"] = state.syncs.into();
         stats["fsyncs"] = state.fsyncs.into();
+        if self.params.dir_fsync_percent > 0 {
+            stats["dir_fsyncs"] = state.dir_fsyncs.into();
+        }
         if self.params.snapshot_percent > 0 {
             stats["snapshots"] = serde_json::json!({
                 "taken": state.snapshots_taken, "deleted": state.snapshots_deleted,
@@ -862,6 +971,8 @@ impl ScenarioRun for FsstressRun {
                 "log".to_string(),
                 serde_json::json!({
                     "inodes_logged": log.inodes_logged,
+                    "dirs_logged": log.dirs_logged,
+                    "new_inodes_logged": log.new_inodes_logged,
                     "log_syncs": log.log_syncs,
                     "log_blocks_written": log.log_blocks_written,
                     "full_commits": log.full_commits,
