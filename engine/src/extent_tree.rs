@@ -96,7 +96,10 @@ pub async fn alloc_tree_block_for(
     );
     set_extent_buffer_uptodate(&eb);
     if root.objectid == TREE_LOG_OBJECTID {
-        // Log blocks are not in the extent tree.
+        // Log blocks are not in the extent tree. Their write errors are
+        // the log's (`buf->log_index = log_transid % 2`; one log
+        // transaction here), never the commit's.
+        eb.log_index.set(0);
         fs.log.block_allocated(bytenr);
     } else if root.objectid == TREE_RELOC_OBJECTID {
         let refs = &handle.transaction.delayed_refs;

@@ -558,8 +558,12 @@ async fn sync_log(handle: &TransHandle) -> Result<(), Error> {
 async fn write_log_blocks(fs: &FsInfo) -> Result<(), Error> {
     let dirty: Vec<u64> = std::mem::take(&mut *fs.log.dirty.borrow_mut()).into_iter().collect();
     fs.log.stats.borrow_mut().log_blocks_written += dirty.len() as u64;
-    write_and_wait_ebs(fs, &dirty).await?;
-    if fs.test_and_clear_btree_err() {
+    let written = write_and_wait_ebs(fs, &dirty).await;
+    // btrfs_sync_log's test of LOG1_ERR: a failed log write fails this
+    // fsync's log (it commits instead), never the transaction.
+    let failed = fs.test_and_clear_log_err(0);
+    written?;
+    if failed {
         return Err(Error::Io { bytenr: 0 });
     }
     Ok(())
@@ -1128,6 +1132,48 @@ mod tests {
         assert_eq!(names(&env, &again, "n"), ["f"]);
         // Named by a logged directory, never fsynced: it exists, empty.
         assert_eq!(read_path(&env, &again, "n/f"), b"");
+        check_clean(&env);
+    }
+
+    #[test]
+    fn a_failed_log_write_falls_back_to_a_commit_and_the_fsync_still_holds() {
+        let (env, fs) = mount();
+        let f = run(&env, &fs, |fs| async move {
+            let f = create(&fs, ROOT_DIR_INO, "f").await?;
+            write(&fs, f, 0, &vec![1u8; 9000]).await?;
+            sync_fs(&fs).await?;
+            write(&fs, f, 0, &vec![2u8; 9000]).await?;
+            Ok::<_, Error>(f)
+        })
+        .unwrap();
+        // Every write of a log tree block fails; everything else completes.
+        env.hold_bios.set(true);
+        let task_fs = fs.clone();
+        let synced = env.spawn_with_result("fsync", async move { fsync(&task_fs, f).await });
+        for _ in 0..10_000 {
+            env.run_until_idle();
+            if synced.borrow().is_some() {
+                break;
+            }
+            let blocks = fs.log.blocks.borrow().clone();
+            for bio in env.bios.borrow().iter().filter(|b| b.op == "write" && blocks.contains(&b.offset)) {
+                env.fail_offsets.borrow_mut().insert(bio.offset);
+            }
+            env.complete_bios();
+        }
+        env.hold_bios.set(false);
+        env.run_until_idle();
+        assert_eq!(synced.borrow_mut().take().expect("the fsync returned"), Ok(()));
+        assert!(!env.fail_offsets.borrow().is_empty(), "no log block write was failed");
+        let stats = fs.log.stats.borrow().clone();
+        assert_eq!((stats.log_syncs, stats.full_commits), (0, 1), "{stats:?}");
+        assert!(
+            env.traces.borrow().iter().any(|t| matches!(t, TraceEvent::Note { what: "log_failed", .. })),
+            "the failure is traced"
+        );
+        env.fail_offsets.borrow_mut().clear();
+        let again = crash_and_mount(&env);
+        assert_eq!(contents(&env, &again, "f").unwrap(), vec![2u8; 9000]);
         check_clean(&env);
     }
 
