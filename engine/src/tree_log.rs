@@ -474,8 +474,7 @@ async fn log_inode(handle: &TransHandle, ino: u64, mode: LogMode) -> Result<Vec<
             INODE_REF_KEY => {}
             // Only the index: replay makes the DIR_ITEM from it.
             DIR_INDEX_KEY if mode == LogMode::All => {
-                let (entry, _) =
-                    DirItem::read(&data).map_err(|e| Error::BadTreeBlock(format!("dir index {key}: {e}")))?;
+                let entry = read_dir_index(&key, &data)?;
                 if entry.location.item_type != INODE_ITEM_KEY {
                     continue;
                 }
@@ -665,7 +664,7 @@ pub async fn recover_log_trees(fs: &Rc<FsInfo>, log_root: u64, level: u8) -> Res
             }
             EXTENT_DATA_KEY => inodes.entry(key.objectid).or_default().extents.push((key, data)),
             DIR_INDEX_KEY => {
-                let (entry, _) = DirItem::read(&data).map_err(decode)?;
+                let entry = read_dir_index(&key, &data)?;
                 inodes.entry(key.objectid).or_default().entries.push((key.offset, entry));
             }
             DIR_LOG_INDEX_KEY => {
@@ -738,6 +737,13 @@ async fn replay_all(
     Ok(())
 }
 
+/// The entry of a DIR_INDEX item.
+fn read_dir_index(key: &Key, data: &[u8]) -> Result<DirItem, Error> {
+    DirItem::read(data)
+        .map(|(entry, _)| entry)
+        .map_err(|e| Error::BadTreeBlock(format!("dir index {key}: {e}")))
+}
+
 /// A logged inode the fs tree does not have yet gets an empty item (no
 /// names, no bytes, a directory no entries) for replay to fill.
 async fn create_logged_inode(handle: &TransHandle, ino: u64, logged: &LoggedInode) -> Result<(), Error> {
@@ -774,20 +780,19 @@ async fn replay_dir_deletes(
     let mut on_disk = Vec::new();
     for (key, data) in inode_items(&root, dir).await? {
         if key.item_type == DIR_INDEX_KEY {
-            let (entry, _) =
-                DirItem::read(&data).map_err(|e| Error::BadTreeBlock(format!("dir index {key}: {e}")))?;
-            on_disk.push((key.offset, entry));
+            on_disk.push((key.offset, read_dir_index(&key, &data)?));
         }
     }
+    // The same entry: index, name and what it names.
+    let same = |(i, e): &(u64, DirItem), index: u64, entry: &DirItem| {
+        *i == index && e.name == entry.name && e.location == entry.location
+    };
     for (index, entry) in &on_disk {
         let child = entry.location.objectid;
         if entry.location.item_type != INODE_ITEM_KEY
             || !in_range(*index)
             || inodes.contains_key(&child)
-            || logged
-                .entries
-                .iter()
-                .any(|(i, e)| i == index && e.name == entry.name && e.location == entry.location)
+            || logged.entries.iter().any(|logged| same(logged, *index, entry))
         {
             continue;
         }
@@ -799,9 +804,7 @@ async fn replay_dir_deletes(
         let child = entry.location.objectid;
         let known =
             inodes.get(&child).is_some_and(|i| i.refs.iter().any(|(d, _, n)| *d == dir && *n == entry.name))
-                || on_disk
-                    .iter()
-                    .any(|(i, e)| i == index && e.name == entry.name && e.location == entry.location);
+                || on_disk.iter().any(|disk| same(disk, *index, entry));
         if !known {
             return Err(Error::BadTreeBlock(format!(
                 "the log of directory {dir} names inode {child} at index {index}, which has that name neither on disk nor in its own log"
